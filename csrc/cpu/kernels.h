@@ -1,0 +1,50 @@
+// The CPU pointwise kernels: one loop over the rows of a time step, built once per CPU capability
+// (kernels_default.cpp, kernels_avx2.cpp, kernels_avx512.cpp from the same kernels_impl.h) and chosen at run
+// time by backend.cpp. The interface is raw pointers on purpose: a capability build should instantiate as
+// little shared inline code (Tensor methods, std containers) as possible, since the linker keeps one copy.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+namespace fused_lstm::cpu {
+
+// One forward step; every array is row-major and contiguous, H = hidden.
+template <typename scalar_t>
+struct ForwardPointers {
+  int64_t hidden;
+  scalar_t* gates;    // [rows, 4H] in: pre-activations; out: activated gates
+  scalar_t* c_state;  // [rows, H]  in: c_{t-1}; out: c_t
+  scalar_t* cells;    // [rows, H]  out: c_t
+  scalar_t* h_out;    // [rows, H]  out: h_t (unprojected)
+  scalar_t* h_state;  // [rows, H]  out: h_t again; nullptr to skip
+};
+
+template <typename scalar_t>
+struct BackwardPointers {
+  int64_t hidden;
+  const scalar_t* gates;     // [rows, 4H] activated gates
+  const scalar_t* cells;     // [rows, H]  c_t
+  const scalar_t* c_prev;    // [rows, H]  c_{t-1}
+  const scalar_t* d_hidden;  // [rows, H]  dL/dh_t (unprojected)
+  scalar_t* d_c;             // [rows, H]  in: dL/dc_t from step t+1; out: dL/dc_{t-1}
+  scalar_t* d_gates;         // [rows, 4H] out: dL/d(pre-activations)
+};
+
+// Declares the kernels of one capability, over rows [row_begin, row_end).
+#define FUSED_LSTM_DECLARE_CPU_KERNELS(capability)                                                    \
+  namespace capability {                                                                              \
+  template <typename scalar_t>                                                                        \
+  void forward_rows(const ForwardPointers<scalar_t>& p, int64_t row_begin, int64_t row_end);         \
+  template <typename scalar_t>                                                                        \
+  void backward_rows(const BackwardPointers<scalar_t>& p, int64_t row_begin, int64_t row_end);       \
+  }
+
+FUSED_LSTM_DECLARE_CPU_KERNELS(DEFAULT)
+FUSED_LSTM_DECLARE_CPU_KERNELS(AVX2)
+FUSED_LSTM_DECLARE_CPU_KERNELS(AVX512)
+#undef FUSED_LSTM_DECLARE_CPU_KERNELS
+
+}  // namespace fused_lstm::cpu

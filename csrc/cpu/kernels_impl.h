@@ -1,0 +1,125 @@
+// The CPU pointwise loops, compiled once per capability: the including file sets CPU_CAPABILITY (and the
+// matching CPU_CAPABILITY_* macro and target) first. at::vec::Vectorized then has that capability's width,
+// and its exp / tanh are libtorch's vectorized (Sleef) functions.
+//
+// float and double run cell.h on Vectorized lanes, the row's tail as a partial vector (zero-filled lanes are
+// harmless: the cell math is finite at 0). float16 and bfloat16 run it on float, one element at a time; the
+// DEFAULT build instantiates those.
+#ifndef CPU_CAPABILITY
+#error "define CPU_CAPABILITY before including kernels_impl.h"
+#endif
+
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+
+#include "../cell.h"
+#include "kernels.h"
+
+namespace fused_lstm {
+
+template <typename S>
+struct Elementwise<at::vec::Vectorized<S>> {
+  static at::vec::Vectorized<S> exp(const at::vec::Vectorized<S>& x) { return x.exp(); }
+  static at::vec::Vectorized<S> tanh(const at::vec::Vectorized<S>& x) { return x.tanh(); }
+};
+
+namespace cpu::CPU_CAPABILITY {
+namespace {
+
+// How a math value type V moves to and from memory of storage type S, `count` elements at a time.
+template <typename S, typename V>
+struct Lanes;
+
+template <typename S>
+struct Lanes<S, at::vec::Vectorized<S>> {
+  using V = at::vec::Vectorized<S>;
+  static constexpr int64_t width = V::size();
+  static V load(const S* p, int64_t count) { return V::loadu(p, count); }
+  static void store(const V& v, S* p, int64_t count) { v.store(p, count); }
+};
+
+template <typename S>
+struct Lanes<S, float> {
+  static constexpr int64_t width = 1;
+  static float load(const S* p, int64_t) { return static_cast<float>(*p); }
+  static void store(float v, S* p, int64_t) { *p = static_cast<S>(v); }
+};
+
+template <typename S, typename V>
+void forward_rows_as(const ForwardPointers<S>& p, int64_t row_begin, int64_t row_end) {
+  using L = Lanes<S, V>;
+  const int64_t H = p.hidden;
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    S* gates = p.gates + row * 4 * H;
+    S* c_state = p.c_state + row * H;
+    S* cells = p.cells + row * H;
+    S* h_out = p.h_out + row * H;
+    S* h_state = p.h_state ? p.h_state + row * H : nullptr;
+    for (int64_t j = 0; j < H; j += L::width) {
+      const int64_t n = std::min(L::width, H - j);
+      const auto r = cell_forward(L::load(gates + j, n), L::load(gates + H + j, n), L::load(gates + 2 * H + j, n),
+                                  L::load(gates + 3 * H + j, n), L::load(c_state + j, n));
+      L::store(r.i, gates + j, n);
+      L::store(r.f, gates + H + j, n);
+      L::store(r.g, gates + 2 * H + j, n);
+      L::store(r.o, gates + 3 * H + j, n);
+      L::store(r.c, c_state + j, n);
+      L::store(r.c, cells + j, n);
+      L::store(r.h, h_out + j, n);
+      if (h_state) {
+        L::store(r.h, h_state + j, n);
+      }
+    }
+  }
+}
+
+template <typename S, typename V>
+void backward_rows_as(const BackwardPointers<S>& p, int64_t row_begin, int64_t row_end) {
+  using L = Lanes<S, V>;
+  const int64_t H = p.hidden;
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const S* gates = p.gates + row * 4 * H;
+    const S* cells = p.cells + row * H;
+    const S* c_prev = p.c_prev + row * H;
+    const S* d_hidden = p.d_hidden + row * H;
+    S* d_c = p.d_c + row * H;
+    S* d_gates = p.d_gates + row * 4 * H;
+    for (int64_t j = 0; j < H; j += L::width) {
+      const int64_t n = std::min(L::width, H - j);
+      const auto r = cell_backward(L::load(gates + j, n), L::load(gates + H + j, n), L::load(gates + 2 * H + j, n),
+                                   L::load(gates + 3 * H + j, n), L::load(cells + j, n), L::load(c_prev + j, n),
+                                   L::load(d_hidden + j, n), L::load(d_c + j, n));
+      L::store(r.d_pre_i, d_gates + j, n);
+      L::store(r.d_pre_f, d_gates + H + j, n);
+      L::store(r.d_pre_g, d_gates + 2 * H + j, n);
+      L::store(r.d_pre_o, d_gates + 3 * H + j, n);
+      L::store(r.d_c_prev, d_c + j, n);
+    }
+  }
+}
+
+// Full-precision types run on vectors; reduced ones on float scalars.
+template <typename S>
+using MathType = std::conditional_t<std::is_same_v<S, float> || std::is_same_v<S, double>, at::vec::Vectorized<S>,
+                                    float>;
+
+}  // namespace
+
+template <typename S>
+void forward_rows(const ForwardPointers<S>& p, int64_t row_begin, int64_t row_end) {
+  forward_rows_as<S, MathType<S>>(p, row_begin, row_end);
+}
+
+template <typename S>
+void backward_rows(const BackwardPointers<S>& p, int64_t row_begin, int64_t row_end) {
+  backward_rows_as<S, MathType<S>>(p, row_begin, row_end);
+}
+
+template void forward_rows<float>(const ForwardPointers<float>&, int64_t, int64_t);
+template void forward_rows<double>(const ForwardPointers<double>&, int64_t, int64_t);
+template void backward_rows<float>(const BackwardPointers<float>&, int64_t, int64_t);
+template void backward_rows<double>(const BackwardPointers<double>&, int64_t, int64_t);
+
+}  // namespace cpu::CPU_CAPABILITY
+}  // namespace fused_lstm
