@@ -48,7 +48,9 @@ def lstm_layer(
 
 @torch.library.register_fake("fused_lstm::lstm_layer_forward")
 def _forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
-    torch._check(x.dim() == (2 if batch_sizes is not None else 3), lambda: "fused_lstm: wrong rank for x")
+    # Meta tensors run this kernel for real, so it repeats the C++ checks that decide dtypes and devices.
+    torch._check(x.dim() == (2 if batch_sizes is not None else 3), lambda: f"fused_lstm: x has rank {x.dim()}")
+    _check_like_x(x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr)
     hidden = w_ih.shape[0] // 4
     out_size = w_hr.shape[0] if w_hr is not None else hidden
     rows = x.shape[0] if batch_sizes is not None else x.shape[0] * x.shape[1]
@@ -61,10 +63,20 @@ def _forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
     )
 
 
+def _check_like_x(x, **tensors):
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        torch._check(t.dtype == x.dtype, lambda: f"fused_lstm: {name} has dtype {t.dtype} but x has dtype {x.dtype}")
+        torch._check(t.device == x.device, lambda: f"fused_lstm: {name} is on device {t.device} but x is on device {x.device}")
+
+
 @torch.library.register_fake("fused_lstm::lstm_layer_backward")
 def _backward_fake(
     grad_output, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, reverse, has_bias, output, gates, cells
 ):
+    _check_like_x(x, grad_output=grad_output, grad_h_n=grad_h_n, grad_c_n=grad_c_n, h0=h0, c0=c0, w_ih=w_ih,
+                  w_hh=w_hh, w_hr=w_hr, output=output, gates=gates, cells=cells)  # fmt: skip
     return (
         x.new_empty(x.shape),
         h0.new_empty(h0.shape),
@@ -146,5 +158,5 @@ def reference_lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None,
         c = torch.cat([c_new, c[rows:]])
     output = torch.cat(outputs) if outputs else x_rows.new_empty((0, h0.shape[1]))
     if batch_sizes is None:
-        output = output.view(steps, batch, -1)
+        output = output.view(steps, batch, h0.shape[1])
     return output, h, c

@@ -128,6 +128,22 @@ struct CpuCell {
   }
 };
 
+// Which build of the CPU loops runs float and double here: "avx512", "avx2" or "default".
+std::string cpu_capability_name() {
+  switch (capability()) {
+    case Capability::Avx512:
+      return "avx512";
+    case Capability::Avx2:
+      return "avx2";
+    default:
+      return "default";
+  }
+}
+
+TORCH_LIBRARY_FRAGMENT(fused_lstm, m) {
+  m.def("cpu_capability() -> str", &cpu_capability_name);
+}
+
 TORCH_LIBRARY_IMPL(fused_lstm, CPU, m) {
   m.impl("lstm_layer_forward", &lstm_layer_forward<CpuCell>);
   m.impl("lstm_layer_backward", &lstm_layer_backward<CpuCell>);

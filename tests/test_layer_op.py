@@ -1,0 +1,143 @@
+"""The fused layer op against nn.LSTM, one layer and one direction at a time: outputs, states and every gradient."""
+
+import itertools
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from fused_lstm.ops import lstm_layer, reference_lstm_layer
+
+# Float64 results agree to rounding; float32 to the accumulated rounding of a few dozen GEMM terms and of
+# oneDNN's own float32 kernel (CONTRACT.md 3.6 measures oneDNN vs native at ~1e-7).
+TOLERANCE = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-5)}
+
+I, H, P, T, B = 3, 5, 2, 6, 4
+LENGTHS = [6, 4, 4, 1]  # sorted, as pack_padded_sequence(enforce_sorted=True) wants
+
+
+def direction_weights(lstm, reverse):
+    suffix = "_l0_reverse" if reverse else "_l0"
+    get = lambda name: getattr(lstm, name + suffix, None)  # noqa: E731
+    return get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"), get("weight_hr")
+
+
+def run_both(dtype, bias, proj, reverse, packed, given_state, seed=0):
+    """Runs nn.LSTM (bidirectional, to reach the reverse weights) and lstm_layer for one direction on the same
+    inputs, backpropagates the same random cotangents through each, and returns both sides' results."""
+    torch.manual_seed(seed)
+    lstm = torch.nn.LSTM(I, H, bias=bias, proj_size=P if proj else 0, bidirectional=True, dtype=dtype)
+    out_size = P if proj else H
+    x = torch.randn(T, B, I, dtype=dtype, requires_grad=True)
+    h0 = torch.randn(2, B, out_size, dtype=dtype, requires_grad=True)
+    c0 = torch.randn(2, B, H, dtype=dtype, requires_grad=True)
+    d = int(reverse)
+    weights = direction_weights(lstm, reverse)
+    params = [p for p in weights if p is not None]
+    inputs = [x, h0, c0] if given_state else [x]
+
+    def results(out, h_n, c_n):
+        torch.manual_seed(seed + 1)
+        cotangents = [torch.randn_like(t) for t in (out, h_n, c_n)]
+        loss = sum((t * g).sum() for t, g in zip((out, h_n, c_n), cotangents))
+        return [out.detach(), h_n.detach(), c_n.detach(), *torch.autograd.grad(loss, inputs + params, retain_graph=True)]
+
+    if packed:
+        seq = pack_padded_sequence(x, LENGTHS)
+        data, batch_sizes = seq.data, seq.batch_sizes
+    else:
+        seq, data, batch_sizes = x, x, None
+    out, (h_n, c_n) = lstm(seq, (h0, c0) if given_state else None)
+    out = out.data if packed else out
+    torch_results = results(out[..., d * out_size : (d + 1) * out_size], h_n[d], c_n[d])
+
+    h0_d = h0[d] if given_state else torch.zeros(B, out_size, dtype=dtype)
+    c0_d = c0[d] if given_state else torch.zeros(B, H, dtype=dtype)
+    ours = lstm_layer(data, h0_d, c0_d, *weights, batch_sizes=batch_sizes, reverse=reverse)
+    return torch_results, results(*ours)
+
+
+GRID = list(itertools.product([torch.float64, torch.float32], [True, False], [False, True], [False, True],
+                              [False, True], [True, False]))  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype,bias,proj,reverse,packed,given_state", GRID)
+def test_matches_nn_lstm(dtype, bias, proj, reverse, packed, given_state):
+    expected, actual = run_both(dtype, bias, proj, reverse, packed, given_state)
+    names = ["output", "h_n", "c_n", "grad_x"] + (["grad_h0", "grad_c0"] if given_state else [])
+    names += ["grad_w_ih", "grad_w_hh"] + (["grad_b_ih", "grad_b_hh"] if bias else []) + (["grad_w_hr"] if proj else [])
+    assert len(names) == len(expected) == len(actual)
+    for name, e, a in zip(names, expected, actual):
+        torch.testing.assert_close(a, e, **TOLERANCE[dtype], msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+def test_reduced_precision_close_to_float64(dtype, tolerance):
+    """Half and bfloat16 run the cell in float; what remains is the rounding of their storage and GEMMs."""
+    torch.manual_seed(0)
+    args = [torch.randn(T, B, I), torch.randn(B, H), torch.randn(B, H), torch.randn(4 * H, I) * 0.5,
+            torch.randn(4 * H, H) * 0.5, torch.randn(4 * H) * 0.1, torch.randn(4 * H) * 0.1]  # fmt: skip
+    expected = lstm_layer(*[a.double() for a in args])
+    leaves = [a.to(dtype).requires_grad_() for a in args]
+    actual = lstm_layer(*leaves)
+    for e, a in zip(expected, actual):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), e, atol=tolerance, rtol=tolerance)
+    sum(t.float().sum() for t in actual).backward()
+    assert all(leaf.grad is not None and leaf.grad.dtype == dtype and leaf.grad.isfinite().all() for leaf in leaves)
+
+
+def gradcheck_inputs(bias, proj, packed):
+    torch.manual_seed(0)
+    out_size = P if proj else H
+    make = lambda *shape: torch.randn(*shape, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    rows = sum(LENGTHS) if packed else None
+    x = make(rows, I) if packed else make(T, B, I)
+    return dict(
+        x=x, h0=make(B, out_size), c0=make(B, H), w_ih=make(4 * H, I), w_hh=make(4 * H, out_size),
+        b_ih=make(4 * H) if bias else None, b_hh=make(4 * H) if bias else None,
+        w_hr=make(P, H) if proj else None,
+        batch_sizes=torch.tensor([4, 3, 3, 3, 1, 1]) if packed else None,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("bias,proj,packed,reverse", list(itertools.product([True, False], repeat=4)))
+def test_gradcheck(bias, proj, packed, reverse):
+    kwargs = gradcheck_inputs(bias, proj, packed)
+    names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+
+    def layer(*tensors):
+        return lstm_layer(**{**kwargs, **dict(zip(names, tensors))}, reverse=reverse)
+
+    assert torch.autograd.gradcheck(layer, [kwargs[n] for n in names])
+
+
+@pytest.mark.parametrize("proj,packed", [(False, False), (True, True)])
+def test_gradgradcheck(proj, packed):
+    kwargs = gradcheck_inputs(True, proj, packed)
+    names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+
+    def layer(*tensors):
+        return lstm_layer(**{**kwargs, **dict(zip(names, tensors))}, reverse=packed)
+
+    assert torch.autograd.gradgradcheck(layer, [kwargs[n] for n in names])
+
+
+@pytest.mark.parametrize("packed,reverse,proj", list(itertools.product([False, True], repeat=3)))
+def test_reference_layer_matches_op(packed, reverse, proj):
+    """The differentiable recomputation used for double backward is the same function as the op."""
+    kwargs = gradcheck_inputs(True, proj, packed)
+    for e, a in zip(reference_lstm_layer(**kwargs, reverse=reverse), lstm_layer(**kwargs, reverse=reverse)):
+        torch.testing.assert_close(a, e, **TOLERANCE[torch.float64])
+
+
+def test_zero_batch_and_single_step():
+    kwargs = gradcheck_inputs(True, False, False)
+    for x, h0, c0 in [(kwargs["x"][:, :0], kwargs["h0"][:0], kwargs["c0"][:0]), (kwargs["x"][:1], kwargs["h0"], kwargs["c0"])]:
+        args = {**kwargs, "x": x, "h0": h0, "c0": c0}
+        out, h_n, c_n = lstm_layer(**args)
+        expected = reference_lstm_layer(**args)
+        for e, a in zip(expected, (out, h_n, c_n)):
+            torch.testing.assert_close(a, e, **TOLERANCE[torch.float64])
+        (out.sum() + h_n.sum() + c_n.sum()).backward()
+        assert kwargs["w_ih"].grad is not None and kwargs["w_ih"].grad.isfinite().all()

@@ -1,0 +1,36 @@
+"""torch.library.opcheck on every op: schema, fake (meta) kernels, autograd registration, AOT dispatch."""
+
+import itertools
+
+import pytest
+import torch
+
+from test_layer_op import gradcheck_inputs
+
+FORWARD_ARGS = ["x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "batch_sizes"]
+
+
+def forward_args(bias, proj, packed, requires_grad, dtype=torch.float64):
+    kwargs = gradcheck_inputs(bias, proj, packed)
+    convert = lambda t: t if t is None or not t.is_floating_point() else t.detach().to(dtype).requires_grad_(requires_grad)  # noqa: E731
+    return [convert(kwargs[name]) for name in FORWARD_ARGS]
+
+
+@pytest.mark.parametrize("bias,proj,packed,requires_grad", list(itertools.product([True, False], repeat=4)))
+def test_opcheck_forward(bias, proj, packed, requires_grad):
+    args = forward_args(bias, proj, packed, requires_grad) + [packed]
+    torch.library.opcheck(torch.ops.fused_lstm.lstm_layer_forward.default, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_opcheck_forward_dtypes(dtype):
+    torch.library.opcheck(torch.ops.fused_lstm.lstm_layer_forward.default, forward_args(True, True, True, True, dtype) + [True])
+
+
+@pytest.mark.parametrize("bias,proj,packed", list(itertools.product([True, False], repeat=3)))
+def test_opcheck_backward(bias, proj, packed):
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes = forward_args(bias, proj, packed, False)
+    out, h_n, c_n, gates, cells = torch.ops.fused_lstm.lstm_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, False)
+    args = [torch.randn_like(out), torch.randn_like(h_n), torch.randn_like(c_n), x, h0, c0, w_ih, w_hh, w_hr,
+            batch_sizes, False, bias, out, gates, cells]  # fmt: skip
+    torch.library.opcheck(torch.ops.fused_lstm.lstm_layer_backward.default, args)
