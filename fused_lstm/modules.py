@@ -1,0 +1,242 @@
+"""fused_lstm.LSTM and fused_lstm.LSTMCell: torch.nn.LSTM / torch.nn.LSTMCell with a fused forward.
+
+They subclass the torch classes, so the constructor, validation, parameters, initialisation, state_dict,
+pickling and repr are torch's own, and ``isinstance(m, nn.LSTM)`` holds. Only ``forward`` is new: it takes the
+same inputs, makes the same checks with the same messages (../shared/CONTRACT.md sections 3 and 4) and runs
+each layer and direction through the fused op (ops.lstm_layer). Stacking, dropout between layers and the
+PackedSequence sort / unsort stay here in Python.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from .ops import lstm_layer
+
+__all__ = ["LSTM", "LSTMCell", "convert"]
+
+
+class LSTM(nn.LSTM):
+    """Drop-in for :class:`torch.nn.LSTM` (same arguments, parameters, inputs, outputs and errors)."""
+
+    def forward(self, input, hx=None):
+        self._update_flat_weights()
+        if isinstance(input, PackedSequence):
+            return self._forward_packed(input, hx)
+        return self._forward_dense(input, hx)
+
+    def _forward_dense(self, input: Tensor, hx):
+        if input.dim() not in (2, 3):
+            raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+        is_batched = input.dim() == 3
+        batch_dim = 0 if self.batch_first else 1
+        if not is_batched:
+            input = input.unsqueeze(batch_dim)
+        if hx is None:
+            hx = self._zero_state(input, input.size(batch_dim))
+        elif is_batched:
+            if hx[0].dim() != 3 or hx[1].dim() != 3:
+                raise RuntimeError(
+                    "For batched 3-D input, hx and cx should also be 3-D but got "
+                    f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+                )
+        else:
+            if hx[0].dim() != 2 or hx[1].dim() != 2:
+                raise RuntimeError(
+                    "For unbatched 2-D input, hx and cx should also be 2-D but got "
+                    f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+                )
+            hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+        self.check_forward_args(input, hx, None)
+        self._check_state_and_parameters(input, hx)
+        if input.size(1 - batch_dim) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+
+        time_major = input.transpose(0, 1) if self.batch_first else input
+        output, h_n, c_n = self._run_layers(time_major, None, hx)
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        if not is_batched:
+            return output.squeeze(batch_dim), (h_n.squeeze(1), c_n.squeeze(1))
+        return output, (h_n, c_n)
+
+    def _forward_packed(self, input: PackedSequence, hx):
+        data, batch_sizes, sorted_indices, unsorted_indices = input
+        if hx is None:
+            hx = self._zero_state(data, batch_sizes[0])
+        else:
+            hx = self.permute_hidden(hx, sorted_indices)
+        self._check_packed(data, batch_sizes, hx)
+        self._check_state_and_parameters(data, hx)
+        output, h_n, c_n = self._run_layers(data, batch_sizes, hx)
+        packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+        return packed, self.permute_hidden((h_n, c_n), unsorted_indices)
+
+    def _zero_state(self, like: Tensor, batch) -> tuple[Tensor, Tensor]:
+        layers = self.num_layers * (2 if self.bidirectional else 1)
+        out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        h = torch.zeros(layers, batch, out_size, dtype=like.dtype, device=like.device)
+        c = torch.zeros(layers, batch, self.hidden_size, dtype=like.dtype, device=like.device)
+        return h, c
+
+    def _check_packed(self, data: Tensor, batch_sizes: Tensor, hx) -> None:
+        """nn.LSTM makes no Python checks on packed input; these give the errors its C++ path gives."""
+        h, c = hx[0], hx[1]
+        batch = int(batch_sizes[0])
+        for state in (h, c):
+            if state.size(1) != batch:
+                raise RuntimeError(
+                    f"The size of tensor a ({batch}) must match the size of tensor b ({state.size(1)}) "
+                    "at non-singleton dimension 0"
+                )
+        if h.size(2) != (self.proj_size or self.hidden_size) or c.size(2) != self.hidden_size:
+            raise RuntimeError("got an incorrect number of RNN parameters")
+        if h.size(0) < self.num_layers * (2 if self.bidirectional else 1):
+            raise RuntimeError("Expected more hidden states in stacked_rnn")
+        w_ih = self._flat_weights[0]
+        if data.size(-1) != self.input_size:
+            raise RuntimeError(
+                f"mat1 and mat2 shapes cannot be multiplied ({data.size(0)}x{data.size(-1)} and "
+                f"{w_ih.size(1)}x{w_ih.size(0)})"
+            )
+        if data.dtype != w_ih.dtype:
+            raise RuntimeError(
+                f"mat1 and mat2 must have the same dtype, but got {_dtype_name(data)} and {_dtype_name(w_ih)}"
+            )
+
+    def _check_state_and_parameters(self, input: Tensor, hx) -> None:
+        """What nn.LSTM's C++ checks, with its messages; and the dtype of hx, where its messages are accidents
+        of the backend (CONTRACT.md 3.3), with one that names the tensor."""
+        if len(hx) != 2:
+            raise RuntimeError("lstm expects two hidden states")
+        for state in hx:
+            if state.device != input.device:
+                raise RuntimeError(
+                    "Input and hidden tensors are not at the same device, found input tensor at "
+                    f"{input.device} and hidden tensor at {state.device}"
+                )
+        for weight in self._flat_weights:
+            if weight.device != input.device:
+                raise RuntimeError(
+                    "Input and parameter tensors are not at the same device, found input tensor at "
+                    f"{input.device} and parameter tensor at {weight.device}"
+                )
+        for name, state in zip(("hx[0] (h_0)", "hx[1] (c_0)"), hx):
+            if state.dtype != input.dtype:
+                raise RuntimeError(f"LSTM: {name} has dtype {state.dtype} but the input has dtype {input.dtype}")
+
+    def _layer_weights(self, index: int) -> list[Tensor | None]:
+        """w_ih, w_hh, b_ih, b_hh, w_hr of the layer-direction `index` (layer * D + direction)."""
+        per_layer = len(self._flat_weights) // (self.num_layers * (2 if self.bidirectional else 1))
+        w_ih, w_hh, *rest = self._flat_weights[index * per_layer : (index + 1) * per_layer]
+        b_ih, b_hh = rest[:2] if self.bias else (None, None)
+        w_hr = rest[-1] if self.proj_size > 0 else None
+        return [w_ih, w_hh, b_ih, b_hh, w_hr]
+
+    def _run_layers(self, x: Tensor, batch_sizes: Tensor | None, hx) -> tuple[Tensor, Tensor, Tensor]:
+        """x: [T, B, I] or packed [N, I]; hx: ([L*D, B, Hout], [L*D, B, H]) -> output, h_n, c_n.
+
+        Dropout follows every layer but the last, in training, drawn as F.dropout draws it (so a seed gives
+        nn.LSTM's masks); h_n and c_n are taken before it.
+        """
+        directions = 2 if self.bidirectional else 1
+        h0, c0 = hx
+        h_n, c_n = [], []
+        layer_input = x
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(directions):
+                index = layer * directions + direction
+                output, h, c = lstm_layer(
+                    layer_input, h0[index], c0[index], *self._layer_weights(index),
+                    batch_sizes=batch_sizes, reverse=direction == 1,
+                )  # fmt: skip
+                outputs.append(output)
+                h_n.append(h)
+                c_n.append(c)
+            layer_input = outputs[0] if directions == 1 else torch.cat(outputs, -1)
+            if self.dropout != 0 and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+        return layer_input, torch.stack(h_n), torch.stack(c_n)
+
+
+class LSTMCell(nn.LSTMCell):
+    """Drop-in for :class:`torch.nn.LSTMCell`: one step, run by the same fused op as a one-step sequence."""
+
+    def forward(self, input: Tensor, hx=None) -> tuple[Tensor, Tensor]:
+        if input.dim() not in (1, 2):
+            raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None:
+            for idx, value in enumerate(hx):
+                if value.dim() not in (1, 2):
+                    raise ValueError(f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got {value.dim()}D instead")
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+            hx = (zeros, zeros)
+        elif not is_batched:
+            hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        if isinstance(hx, Tensor):
+            raise TypeError("lstm_cell(): argument 'hx' (position 2) must be tuple of Tensors, not Tensor")
+        self._check_cell_args(input, hx)
+        output, _, c_1 = lstm_layer(
+            input.unsqueeze(0), hx[0], hx[1], self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
+        )
+        h_1 = output[0]
+        if not is_batched:
+            return h_1.squeeze(0), c_1.squeeze(0)
+        return h_1, c_1
+
+    def _check_cell_args(self, input: Tensor, hx) -> None:
+        """The checks of ATen's lstm_cell, in its order and with its messages."""
+        if len(hx) != 2:
+            raise RuntimeError("lstm_cell expects two hidden states")
+        w_ih, w_hh = self.weight_ih, self.weight_hh
+        hidden = w_hh.size(1)
+        if input.size(1) != w_ih.size(1):
+            raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {w_ih.size(1)}")
+        for name, weight in (("weight_ih", w_ih), ("weight_hh", w_hh)):
+            if weight.size(0) != 4 * hidden:
+                raise RuntimeError(
+                    f"{name} first dim must be 4 * hidden_size = {4 * hidden}, but got {weight.size(0)}"
+                )
+        for idx, state in enumerate(hx):
+            if state.size(0) != input.size(0):
+                raise RuntimeError(
+                    f"Input batch size {input.size(0)} doesn't match hidden{idx} batch size {state.size(0)}"
+                )
+            if state.size(1) != hidden:
+                raise RuntimeError(f"hidden{idx} has inconsistent hidden_size: got {state.size(1)}, expected {hidden}")
+        for mat1, mat2 in ((input, w_ih), (hx[0], w_hh)):
+            if mat1.dtype != mat2.dtype:
+                raise RuntimeError(
+                    f"mat1 and mat2 must have the same dtype, but got {_dtype_name(mat1)} and {_dtype_name(mat2)}"
+                )
+        if hx[1].dtype != input.dtype:
+            raise RuntimeError(f"LSTMCell: hx[1] (c_0) has dtype {hx[1].dtype} but the input has dtype {input.dtype}")
+
+
+def _dtype_name(t: Tensor) -> str:
+    """ATen's name for a dtype, as its matmul errors print it (Float, Double, Half, BFloat16)."""
+    return {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16"}.get(
+        t.dtype, str(t.dtype)
+    )
+
+
+def convert(module: nn.Module) -> nn.Module:
+    """Makes every torch.nn.LSTM and torch.nn.LSTMCell in `module` (itself included) fused, in place.
+
+    Only the class of each instance changes: its Parameters, buffers, hooks and state stay the very same
+    objects, so an optimizer built before the swap keeps working. Subclasses of nn.LSTM / nn.LSTMCell are
+    left alone (they may override forward). Returns `module`.
+    """
+    swaps = {nn.LSTM: LSTM, nn.LSTMCell: LSTMCell}
+    for submodule in module.modules():
+        if type(submodule) in swaps:
+            submodule.__class__ = swaps[type(submodule)]
+    return module
