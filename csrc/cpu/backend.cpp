@@ -1,5 +1,7 @@
-// The CPU backend: hands each time step's pointwise work to the loops built for the best capability this
-// CPU has (kernels.h), split over threads by rows, and registers the layer ops for the CPU dispatch key.
+// The CPU backend. float and double steps call the BLAS directly (blas.h) on raw pointers and run the cell
+// with the loops built for the best capability this CPU has (kernels.h), split over threads by rows;
+// float16 and bfloat16 steps go through ATen (aten_stepper.h) with the same loops. Registers the layer ops
+// for the CPU dispatch key.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -7,9 +9,12 @@
 #include <algorithm>
 #include <cctype>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
+#include "../aten_stepper.h"
 #include "../layer.h"
+#include "blas.h"
 #include "kernels.h"
 
 namespace fused_lstm::cpu {
@@ -101,9 +106,7 @@ S* pointer_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<S>() : nullptr;
 }
 
-}  // namespace
-
-// The Kernels policy of layer.h for the CPU.
+// The cell alone on per-step views, for the ATen steppers (float16, bfloat16).
 struct CpuCell {
   static void forward_step(const CellForwardStep& s) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.gates.scalar_type(), "fused_lstm_cpu_forward", [&] {
@@ -128,6 +131,132 @@ struct CpuCell {
   }
 };
 
+// Sizes of one layer call, read off its buffers.
+struct Widths {
+  int64_t hidden;  // H
+  int64_t output;  // Hout
+  explicit Widths(const at::Tensor& w_hh) : hidden(w_hh.size(0) / 4), output(w_hh.size(1)) {}
+};
+
+template <typename S>
+class BlasForwardStepper final : public ForwardStepper {
+ public:
+  explicit BlasForwardStepper(const ForwardBuffers& b)
+      : w_(b.w_hh), w_hh_(b.w_hh.const_data_ptr<S>()), w_hr_(pointer_or_null<S>(b.w_hr)),
+        gates_(b.gates.data_ptr<S>()), cells_(b.cells.data_ptr<S>()), output_(b.output.data_ptr<S>()),
+        h_state_(b.h_state.data_ptr<S>()), c_state_(b.c_state.data_ptr<S>()),
+        unprojected_(pointer_or_null<S>(b.unprojected)), loop_(forward_loop<S>()) {}
+
+  void run(const Step& step) override {
+    const int64_t H = w_.hidden, Hout = w_.output, rows = step.rows;
+    S* gates = gates_ + step.offset * 4 * H;
+    S* output = output_ + step.offset * Hout;
+    blas::row_major_gemm<S>(rows, 4 * H, Hout, h_state_, w_hh_, /*transpose_b=*/true, S(1), gates);
+    const ForwardPointers<S> p{H, gates, c_state_, cells_ + step.offset * H, w_hr_ ? unprojected_ : output,
+                               w_hr_ ? nullptr : h_state_};
+    parallel_rows(p, rows, loop_);
+    if (w_hr_) {
+      blas::row_major_gemm<S>(rows, Hout, H, unprojected_, w_hr_, /*transpose_b=*/true, S(0), output);
+      std::memcpy(h_state_, output, sizeof(S) * rows * Hout);
+    }
+  }
+
+ private:
+  Widths w_;
+  const S* w_hh_;
+  const S* w_hr_;
+  S* gates_;
+  S* cells_;
+  S* output_;
+  S* h_state_;
+  S* c_state_;
+  S* unprojected_;
+  decltype(forward_loop<S>()) loop_;
+};
+
+template <typename S>
+class BlasBackwardStepper final : public BackwardStepper {
+ public:
+  explicit BlasBackwardStepper(const BackwardBuffers& b)
+      : w_(b.w_hh), w_hh_(b.w_hh.const_data_ptr<S>()), w_hr_(pointer_or_null<S>(b.w_hr)),
+        gates_(b.gates.const_data_ptr<S>()), cells_(b.cells.const_data_ptr<S>()),
+        c_prev_(b.c_prev.const_data_ptr<S>()), grad_output_(b.grad_output.const_data_ptr<S>()),
+        d_gates_(b.d_gates.data_ptr<S>()), d_h_state_(b.d_h_state.data_ptr<S>()),
+        d_c_state_(b.d_c_state.data_ptr<S>()), d_output_all_(pointer_or_null<S>(b.d_output_all)),
+        d_unprojected_(pointer_or_null<S>(b.d_unprojected)), loop_(backward_loop<S>()) {}
+
+  void run(const Step& step) override {
+    const int64_t H = w_.hidden, Hout = w_.output, rows = step.rows;
+    const S* grad_output = grad_output_ + step.offset * Hout;
+    for (int64_t i = 0; i < rows * Hout; ++i) {
+      d_h_state_[i] += grad_output[i];
+    }
+    const S* d_hidden = d_h_state_;
+    if (w_hr_) {
+      std::memcpy(d_output_all_ + step.offset * Hout, d_h_state_, sizeof(S) * rows * Hout);
+      blas::row_major_gemm<S>(rows, H, Hout, d_h_state_, w_hr_, /*transpose_b=*/false, S(0), d_unprojected_);
+      d_hidden = d_unprojected_;
+    }
+    S* d_gates = d_gates_ + step.offset * 4 * H;
+    const BackwardPointers<S> p{H, gates_ + step.offset * 4 * H, cells_ + step.offset * H, c_prev_ + step.offset * H,
+                                d_hidden, d_c_state_, d_gates};
+    parallel_rows(p, rows, loop_);
+    blas::row_major_gemm<S>(rows, Hout, 4 * H, d_gates, w_hh_, /*transpose_b=*/false, S(0), d_h_state_);
+  }
+
+ private:
+  Widths w_;
+  const S* w_hh_;
+  const S* w_hr_;
+  const S* gates_;
+  const S* cells_;
+  const S* c_prev_;
+  const S* grad_output_;
+  S* d_gates_;
+  S* d_h_state_;
+  S* d_c_state_;
+  S* d_output_all_;
+  S* d_unprojected_;
+  decltype(backward_loop<S>()) loop_;
+};
+
+// The largest GEMM dimension of a layer call's steps, for blas::available.
+int64_t largest_step_dimension(const at::Tensor& w_hh, const at::Tensor& state) {
+  return std::max({w_hh.size(0), w_hh.size(1), state.size(0)});
+}
+
+// The Backend policy of layer.h for the CPU.
+struct CpuBackend {
+  static std::unique_ptr<ForwardStepper> make_forward_stepper(const ForwardBuffers& b) {
+    return make<ForwardStepper, BlasForwardStepper, AtenForwardStepper<CpuCell>>(b, b.h_state);
+  }
+
+  static std::unique_ptr<BackwardStepper> make_backward_stepper(const BackwardBuffers& b) {
+    return make<BackwardStepper, BlasBackwardStepper, AtenBackwardStepper<CpuCell>>(b, b.d_h_state);
+  }
+
+ private:
+  template <class Base, template <typename> class Blas, class Aten, class Buffers>
+  static std::unique_ptr<Base> make(const Buffers& b, const at::Tensor& state) {
+    const int64_t largest = largest_step_dimension(b.w_hh, state);
+    switch (b.gates.scalar_type()) {
+      case at::kFloat:
+        if (blas::available<float>(largest)) {
+          return std::make_unique<Blas<float>>(b);
+        }
+        break;
+      case at::kDouble:
+        if (blas::available<double>(largest)) {
+          return std::make_unique<Blas<double>>(b);
+        }
+        break;
+      default:
+        break;
+    }
+    return std::make_unique<Aten>(b);
+  }
+};
+
 // Which build of the CPU loops runs float and double here: "avx512", "avx2" or "default".
 std::string cpu_capability_name() {
   switch (capability()) {
@@ -140,13 +269,15 @@ std::string cpu_capability_name() {
   }
 }
 
+}  // namespace
+
 TORCH_LIBRARY_FRAGMENT(fused_lstm, m) {
   m.def("cpu_capability() -> str", &cpu_capability_name);
 }
 
 TORCH_LIBRARY_IMPL(fused_lstm, CPU, m) {
-  m.impl("lstm_layer_forward", &lstm_layer_forward<CpuCell>);
-  m.impl("lstm_layer_backward", &lstm_layer_backward<CpuCell>);
+  m.impl("lstm_layer_forward", &lstm_layer_forward<CpuBackend>);
+  m.impl("lstm_layer_backward", &lstm_layer_backward<CpuBackend>);
 }
 
 }  // namespace fused_lstm::cpu

@@ -3,16 +3,26 @@
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
+#include "../aten_stepper.h"
 #include "../layer.h"
 #include "kernels.h"
 
 namespace fused_lstm::cuda {
 namespace {
 
-// The Kernels policy of layer.h for CUDA.
 struct CudaCell {
   static void forward_step(const CellForwardStep& s) { launch_forward_step(s); }
   static void backward_step(const CellBackwardStep& s) { launch_backward_step(s); }
+};
+
+// The Backend policy of layer.h for CUDA: ATen's GEMMs (cuBLAS on the current stream) and our cell kernels.
+struct CudaBackend {
+  static std::unique_ptr<ForwardStepper> make_forward_stepper(const ForwardBuffers& b) {
+    return std::make_unique<AtenForwardStepper<CudaCell>>(b);
+  }
+  static std::unique_ptr<BackwardStepper> make_backward_stepper(const BackwardBuffers& b) {
+    return std::make_unique<AtenBackwardStepper<CudaCell>>(b);
+  }
 };
 
 // A guard on x's device. Optional, so that a CPU x among CUDA arguments reaches the device check in
@@ -22,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
     const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& batch_sizes, bool reverse) {
   const c10::OptionalDeviceGuard guard(x.device());
-  return lstm_layer_forward<CudaCell>(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse);
+  return lstm_layer_forward<CudaBackend>(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
@@ -31,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& batch_sizes, bool reverse,
     bool has_bias, const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells) {
   const c10::OptionalDeviceGuard guard(x.device());
-  return lstm_layer_backward<CudaCell>(grad_output, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes,
+  return lstm_layer_backward<CudaBackend>(grad_output, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes,
                                        reverse, has_bias, output, gates, cells);
 }
 
