@@ -83,15 +83,10 @@ class LSTM(nn.LSTM):
         return h, c
 
     def _check_packed(self, data: Tensor, batch_sizes: Tensor, hx) -> None:
-        """nn.LSTM makes no Python checks on packed input; these give the errors its C++ path gives."""
+        """nn.LSTM makes no Python checks on packed input; these give the errors its C++ path gives, in its
+        order: projection sizes (inferred from hx[0].size(2) != hx[1].size(2)), layer count, the input GEMM,
+        then the batch size."""
         h, c = hx[0], hx[1]
-        batch = int(batch_sizes[0])
-        for state in (h, c):
-            if state.size(1) != batch:
-                raise RuntimeError(
-                    f"The size of tensor a ({batch}) must match the size of tensor b ({state.size(1)}) "
-                    "at non-singleton dimension 0"
-                )
         if h.size(2) != (self.proj_size or self.hidden_size) or c.size(2) != self.hidden_size:
             raise RuntimeError("got an incorrect number of RNN parameters")
         if h.size(0) < self.num_layers * (2 if self.bidirectional else 1):
@@ -106,6 +101,13 @@ class LSTM(nn.LSTM):
             raise RuntimeError(
                 f"mat1 and mat2 must have the same dtype, but got {_dtype_name(data)} and {_dtype_name(w_ih)}"
             )
+        batch = int(batch_sizes[0])
+        for state in (h, c):
+            if state.size(1) != batch:
+                raise RuntimeError(
+                    f"The size of tensor a ({state.size(1)}) must match the size of tensor b ({batch}) "
+                    "at non-singleton dimension 0"
+                )
 
     def _check_state_and_parameters(self, input: Tensor, hx) -> None:
         """What nn.LSTM's C++ checks, with its messages; and the dtype of hx, where its messages are accidents
@@ -124,17 +126,20 @@ class LSTM(nn.LSTM):
                     "Input and parameter tensors are not at the same device, found input tensor at "
                     f"{input.device} and parameter tensor at {weight.device}"
                 )
+        if _autocast_dtype(input) is not None:
+            return  # autocast casts input, states and weights to one dtype, as it does for nn.LSTM's op
         for name, state in zip(("hx[0] (h_0)", "hx[1] (c_0)"), hx):
             if state.dtype != input.dtype:
                 raise RuntimeError(f"LSTM: {name} has dtype {state.dtype} but the input has dtype {input.dtype}")
 
-    def _layer_weights(self, index: int) -> list[Tensor | None]:
-        """w_ih, w_hh, b_ih, b_hh, w_hr of the layer-direction `index` (layer * D + direction)."""
+    def _layer_weights(self, index: int, dtype: torch.dtype | None) -> list[Tensor | None]:
+        """w_ih, w_hh, b_ih, b_hh, w_hr of the layer-direction `index` (layer * D + direction), cast to
+        `dtype` if given."""
         per_layer = len(self._flat_weights) // (self.num_layers * (2 if self.bidirectional else 1))
         w_ih, w_hh, *rest = self._flat_weights[index * per_layer : (index + 1) * per_layer]
         b_ih, b_hh = rest[:2] if self.bias else (None, None)
         w_hr = rest[-1] if self.proj_size > 0 else None
-        return [w_ih, w_hh, b_ih, b_hh, w_hr]
+        return [_cast(w, dtype) for w in (w_ih, w_hh, b_ih, b_hh, w_hr)]
 
     def _run_layers(self, x: Tensor, batch_sizes: Tensor | None, hx) -> tuple[Tensor, Tensor, Tensor]:
         """x: [T, B, I] or packed [N, I]; hx: ([L*D, B, Hout], [L*D, B, H]) -> output, h_n, c_n.
@@ -143,15 +148,16 @@ class LSTM(nn.LSTM):
         nn.LSTM's masks); h_n and c_n are taken before it.
         """
         directions = 2 if self.bidirectional else 1
-        h0, c0 = hx
+        dtype = _autocast_dtype(x)
+        h0, c0 = _cast(hx[0], dtype), _cast(hx[1], dtype)
         h_n, c_n = [], []
-        layer_input = x
+        layer_input = _cast(x, dtype)
         for layer in range(self.num_layers):
             outputs = []
             for direction in range(directions):
                 index = layer * directions + direction
                 output, h, c = lstm_layer(
-                    layer_input, h0[index], c0[index], *self._layer_weights(index),
+                    layer_input, h0[index], c0[index], *self._layer_weights(index, dtype),
                     batch_sizes=batch_sizes, reverse=direction == 1,
                 )  # fmt: skip
                 outputs.append(output)
@@ -219,6 +225,19 @@ class LSTMCell(nn.LSTMCell):
                 )
         if hx[1].dtype != input.dtype:
             raise RuntimeError(f"LSTMCell: hx[1] (c_0) has dtype {hx[1].dtype} but the input has dtype {input.dtype}")
+
+
+def _autocast_dtype(input: Tensor) -> torch.dtype | None:
+    """The dtype autocast runs nn.LSTM in on this input's device (its op is on autocast's lower-precision
+    list), or None outside autocast."""
+    device_type = input.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
+    return t if t is None or dtype is None else t.to(dtype)
 
 
 def _dtype_name(t: Tensor) -> str:

@@ -30,6 +30,7 @@ class Config:
     dtype: torch.dtype = torch.float64
     lengths: tuple[int, ...] = (5, 3, 3, 1)
     training: bool = True
+    device: str = "cpu"
 
     def module_kwargs(self):
         names = ["input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional", "proj_size"]
@@ -38,8 +39,8 @@ class Config:
 
 def make_pair(cfg: Config, seed: int = 0):
     torch.manual_seed(seed)
-    ref = nn.LSTM(**cfg.module_kwargs(), dtype=cfg.dtype)
-    ours = fused_lstm.LSTM(**cfg.module_kwargs(), dtype=cfg.dtype)
+    ref = nn.LSTM(**cfg.module_kwargs(), dtype=cfg.dtype, device=cfg.device)
+    ours = fused_lstm.LSTM(**cfg.module_kwargs(), dtype=cfg.dtype, device=cfg.device)
     ours.load_state_dict(ref.state_dict())
     ref.train(cfg.training)
     ours.train(cfg.training)
@@ -50,7 +51,7 @@ def make_inputs(cfg: Config, seed: int = 1):
     """Returns (input for the module, leaves to differentiate, hx or None)."""
     g = torch.Generator().manual_seed(seed)
     batch, steps = len(cfg.lengths), max(cfg.lengths)
-    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=cfg.dtype).requires_grad_()  # noqa: E731
+    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=cfg.dtype).to(cfg.device).requires_grad_()  # noqa: E731
     directions = 2 if cfg.bidirectional else 1
     out_size = cfg.proj_size or cfg.hidden_size
     if cfg.kind == "unbatched":
@@ -78,14 +79,14 @@ def run(module, cfg: Config, seed: int = 1, dropout_seed: int = 7):
     output, (h_n, c_n) = module(inp, hx)
     out = output.data if cfg.kind.startswith("packed") else output
     g = torch.Generator().manual_seed(seed + 100)
-    cotangents = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in (out, h_n, c_n)]
+    cotangents = [torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device) for t in (out, h_n, c_n)]
     loss = sum((t * c).sum() for t, c in zip((out, h_n, c_n), cotangents))
     params = list(module.parameters())
     grads = torch.autograd.grad(loss, leaves + params)
     return [out.detach(), h_n.detach(), c_n.detach(), *grads]
 
 
-def assert_same(cfg: Config, seed: int = 0):
+def assert_same(cfg: Config, seed: int = 0, tolerance=None):
     ref, ours = make_pair(cfg, seed)
     expected, actual = run(ref, cfg), run(ours, cfg)
     assert len(expected) == len(actual)
@@ -94,4 +95,4 @@ def assert_same(cfg: Config, seed: int = 0):
     names += [n for n, _ in ref.named_parameters()]
     for name, e, a in zip(names, expected, actual):
         assert a.shape == e.shape and a.dtype == e.dtype, name
-        torch.testing.assert_close(a, e, **TOLERANCE[cfg.dtype], msg=lambda m: f"{cfg}\n{name}: {m}")
+        torch.testing.assert_close(a, e, **(tolerance or TOLERANCE[cfg.dtype]), msg=lambda m: f"{cfg}\n{name}: {m}")

@@ -221,3 +221,19 @@ def test_convert_leaves_subclasses_alone():
     model = nn.Sequential(Custom(3, 4))
     fused_lstm.convert(model)
     assert type(model[0]) is Custom
+
+
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+def test_cpu_autocast_dtypes_match_nn_lstm(input_dtype):
+    """Without projections (nn.LSTM's oneDNN path) everything comes out in bfloat16. With projections
+    nn.LSTM's native path returns c_n in float32 (its float32 zero c0 promotes the cell update), an accident
+    of that path that fused_lstm does not copy: it returns bfloat16 there too."""
+    ref, ours = pair(proj_size=0)
+    x = torch.randn(4, 2, 3, dtype=input_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, (eh, ec) = ref(x)
+        actual, (ah, ac) = ours(x)
+    assert (actual.dtype, ah.dtype, ac.dtype) == (expected.dtype, eh.dtype, ec.dtype) == (torch.bfloat16,) * 3
+    torch.testing.assert_close(actual.float(), expected.float(), atol=2e-2, rtol=2e-2)
+    actual.float().sum().backward()
+    assert ours.weight_ih_l0.grad.dtype == torch.float32

@@ -1,0 +1,121 @@
+"""The CUDA backend (skipped without a GPU): parity with nn.LSTM on CUDA and with fused_lstm on the CPU on
+every dtype, packed input, device checks, streams, CUDA graph capture and autocast."""
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import fused_lstm
+from fused_lstm.ops import lstm_layer
+from module_cases import Config, assert_same
+from test_layer_op import gradcheck_inputs
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# Against float64 on the CPU: the storage and GEMM rounding of each dtype (the cell math runs in float).
+DTYPE_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """cuDNN's RNN and cuBLAS may use TF32 for float32 by default; the parity tolerances assume float32."""
+    with torch.backends.cudnn.flags(allow_tf32=False):
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        yield
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+@pytest.mark.parametrize("dtype", list(DTYPE_TOLERANCE))
+@pytest.mark.parametrize("proj,packed,reverse", list(itertools.product([False, True], repeat=3)))
+def test_layer_matches_cpu_float64(dtype, proj, packed, reverse):
+    kwargs = gradcheck_inputs(True, proj, packed)
+    names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    expected_out = lstm_layer(**kwargs, reverse=reverse)
+    expected_grads = torch.autograd.grad(sum(t.sum() for t in expected_out), [kwargs[n] for n in names])
+    on_gpu = {k: (v.detach().to("cuda", dtype).requires_grad_() if k in names else v) for k, v in kwargs.items()}
+    actual_out = lstm_layer(**on_gpu, reverse=reverse)
+    actual_grads = torch.autograd.grad(sum(t.float().sum() for t in actual_out), [on_gpu[n] for n in names])
+    tol = DTYPE_TOLERANCE[dtype]
+    for e, a in zip([*expected_out, *expected_grads], [*actual_out, *actual_grads], strict=True):
+        assert a.device.type == "cuda" and a.dtype == dtype
+        torch.testing.assert_close(a.double().cpu(), e, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("cfg", [
+    Config(device="cuda", dtype=torch.float64, num_layers=2, bidirectional=True, kind=kind, proj_size=proj)
+    for kind, proj in itertools.product(["dense", "unbatched", "packed", "packed_unsorted"], [0, 2])
+] + [Config(device="cuda", dtype=torch.float32, num_layers=2, batch_first=True, bidirectional=True)], ids=str)  # fmt: skip
+def test_module_matches_nn_lstm_on_cuda(cfg):
+    tolerance = dict(atol=1e-4, rtol=1e-4) if cfg.dtype == torch.float32 else None  # cuDNN's own float32 order
+    assert_same(cfg, tolerance=tolerance)
+
+
+def test_device_mismatch_errors_match_nn_lstm():
+    torch.manual_seed(0)
+    ref, ours = nn.LSTM(3, 5).cuda(), fused_lstm.LSTM(3, 5).cuda()
+    x = torch.randn(4, 2, 3, device="cuda")
+    hx = (torch.randn(1, 2, 5), torch.randn(1, 2, 5))  # on the CPU
+    messages = []
+    for m in (ref, ours):
+        with pytest.raises(RuntimeError) as error:
+            m(x, hx)
+        messages.append(str(error.value))
+    assert messages[0] == messages[1]
+    with pytest.raises(RuntimeError, match="is on device cpu but x is on device cuda"):
+        lstm_layer(x[:, :, :3], hx[0][0], hx[1][0], *[w.cuda() for w in (torch.randn(20, 3), torch.randn(20, 5))])
+
+
+def test_non_default_stream_gives_the_same_result():
+    torch.manual_seed(0)
+    m = fused_lstm.LSTM(8, 16, num_layers=2).cuda()
+    x = torch.randn(20, 4, 8, device="cuda")
+    expected, _ = m(x)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        actual, _ = m(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.testing.assert_close(actual, expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_cuda_graph_capture_and_replay(packed):
+    torch.manual_seed(0)
+    m = fused_lstm.LSTM(8, 16, bidirectional=True).cuda().eval()
+    static_x = torch.randn(10, 3, 8, device="cuda")
+    lengths = [10, 7, 2]
+
+    def run():
+        inp = torch.nn.utils.rnn.pack_padded_sequence(static_x, lengths) if packed else static_x
+        out, (h, _) = m(inp)
+        return (out.data if packed else out), h
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        run()  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        static_out, static_h = run()
+    static_x.copy_(torch.randn_like(static_x))
+    graph.replay()
+    with torch.no_grad():
+        expected_out, expected_h = run()
+    torch.testing.assert_close(static_out, expected_out)
+    torch.testing.assert_close(static_h, expected_h)
+
+
+def test_autocast_dtypes_match_nn_lstm():
+    torch.manual_seed(0)
+    ref, ours = nn.LSTM(8, 16).cuda(), fused_lstm.LSTM(8, 16).cuda()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 2, 8, device="cuda")
+    with torch.autocast("cuda"):
+        expected, (eh, ec) = ref(x)
+        actual, (ah, ac) = ours(x)
+    assert (actual.dtype, ah.dtype, ac.dtype) == (expected.dtype, eh.dtype, ec.dtype)
+    torch.testing.assert_close(actual.float(), expected.float(), atol=1e-2, rtol=1e-2)
