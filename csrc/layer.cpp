@@ -6,6 +6,7 @@
 
 #include <ATen/ops/empty_like.h>
 
+#include <algorithm>
 #include <sstream>
 
 namespace fused_lstm {
@@ -152,6 +153,16 @@ std::vector<Step> make_schedule(const LayerDims& dims, const std::optional<at::T
 
 at::Tensor previous_states(const at::Tensor& seq, const at::Tensor& init, const std::vector<Step>& schedule) {
   at::Tensor prev = at::empty_like(seq, at::MemoryFormat::Contiguous);
+  const int64_t batch = init.size(0);
+  const bool dense = std::all_of(schedule.begin(), schedule.end(), [&](const Step& s) { return s.rows == batch; });
+  if (dense && !schedule.empty()) {
+    // Every step has all B rows: the previous states are the sequence shifted by one step, h0 / c0 first.
+    const int64_t shifted = seq.size(0) - batch;
+    const bool reverse = schedule.front().offset != 0;
+    prev.narrow(0, reverse ? 0 : batch, shifted).copy_(seq.narrow(0, reverse ? batch : 0, shifted));
+    prev.narrow(0, reverse ? shifted : 0, batch).copy_(init);
+    return prev;
+  }
   const Step* before = nullptr;
   for (const Step& step : schedule) {
     at::Tensor rows = prev.narrow(0, step.offset, step.rows);
