@@ -1,7 +1,8 @@
 // The layer driver: one LSTM layer, one direction, over a whole sequence. It owns the time loop, the
 // whole-sequence GEMMs (the input projection before the loop, the weight gradients after it; through ATen, so
 // they run on the inputs' device) and what forward saves for backward. Each step goes to a backend's stepper
-// (step.h): `Backend` has static make_forward_stepper(ForwardBuffers) and make_backward_stepper(BackwardBuffers).
+// (step.h): `Backend` has static make_forward_stepper(ForwardBuffers, schedule) and
+// make_backward_stepper(BackwardBuffers, schedule).
 //
 // Sequences are handled in packed form: x is [N, I] with a batch size per step (a PackedSequence's
 // batch_sizes, non-increasing), and step t owns rows [offset_t, offset_t + batch_sizes[t]). A dense [T, B, I]
@@ -78,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   b.c_state = c0.clone(at::MemoryFormat::Contiguous);
   b.unprojected = project ? at::empty({dims.batch, dims.hidden}, x.options()) : at::Tensor();
 
-  const std::unique_ptr<ForwardStepper> stepper = Backend::make_forward_stepper(b);
+  const std::unique_ptr<ForwardStepper> stepper = Backend::make_forward_stepper(b, schedule);
   for (const Step& step : schedule) {
     stepper->run(step);
   }
@@ -120,7 +121,7 @@ lstm_layer_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, c
   b.d_output_all = project ? at::empty({dims.rows, dims.output}, x.options()) : at::Tensor();
   b.d_unprojected = project ? at::empty({dims.batch, dims.hidden}, x.options()) : at::Tensor();
 
-  const std::unique_ptr<BackwardStepper> stepper = Backend::make_backward_stepper(b);
+  const std::unique_ptr<BackwardStepper> stepper = Backend::make_backward_stepper(b, schedule);
   for (auto step = schedule.rbegin(); step != schedule.rend(); ++step) {
     stepper->run(*step);
   }

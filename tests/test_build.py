@@ -61,3 +61,12 @@ def test_cuda_kernels_registered_where_cuda_builds(op):
 
 def test_version():
     assert fused_lstm.__version__.count(".") == 2
+
+
+def test_cpu_steps_call_mkl_directly_where_torch_has_it():
+    """The fast CPU path finds MKL's GEMM and packed-GEMM entry points inside libtorch at run time; if a torch
+    build stopped exporting them, fused_lstm would silently fall back to ATen per-step GEMMs (correct, slower)."""
+    gemm = torch.ops.fused_lstm.cpu_gemm()
+    assert gemm in ("mkl-packed", "mkl", "aten")
+    if torch.backends.mkl.is_available():
+        assert gemm == "mkl-packed"

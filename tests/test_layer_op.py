@@ -141,3 +141,20 @@ def test_zero_batch_and_single_step():
             torch.testing.assert_close(a, e, **TOLERANCE[torch.float64])
         (out.sum() + h_n.sum() + c_n.sum()).backward()
         assert kwargs["w_ih"].grad is not None and kwargs["w_ih"].grad.isfinite().all()
+
+
+@pytest.mark.parametrize("proj", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_large_batch_matches_nn_lstm(proj, reverse):
+    """From 16 rows a dense float32 sequence takes MKL's packed-weight GEMM path on the CPU."""
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(8, 16, proj_size=4 if proj else 0, bidirectional=True)
+    x = torch.randn(5, 20, 8, requires_grad=True)
+    out, (h_n, c_n) = lstm(x)
+    d, out_size = int(reverse), 4 if proj else 16
+    expected = [out[..., d * out_size : (d + 1) * out_size], h_n[d], c_n[d]]
+    actual = lstm_layer(x, torch.zeros(20, out_size), torch.zeros(20, 16), *direction_weights(lstm, reverse), reverse=reverse)
+    params = [p for p in direction_weights(lstm, reverse) if p is not None]
+    grads = [torch.autograd.grad(sum((t * t).sum() for t in ts), [x, *params]) for ts in (expected, actual)]
+    for e, a in zip([*expected, *grads[0]], [*actual, *grads[1]], strict=True):
+        torch.testing.assert_close(a, e, **TOLERANCE[torch.float32])

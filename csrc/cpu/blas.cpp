@@ -1,7 +1,9 @@
 #include "blas.h"
 
+#include <c10/util/Exception.h>
 #include <dlfcn.h>
 
+#include <cstdlib>
 #include <limits>
 
 namespace fused_lstm::cpu::blas {
@@ -45,6 +47,54 @@ void row_major_gemm(int64_t m, int64_t n, int64_t k, const T* a, const T* b, boo
   const char trans_b = transpose_b ? 'T' : 'N';
   const char no_trans = 'N';
   gemm<T>().fn(&trans_b, &no_trans, &M, &N, &K, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
+}
+
+namespace {
+
+// MKL's CBLAS enumerations (mkl_cblas.h).
+enum : int { kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162 };
+
+struct PackApi {
+  size_t (*get_size)(int identifier, int m, int n, int k) = nullptr;
+  void (*pack)(int layout, int identifier, int trans, int m, int n, int k, float alpha, const float* src, int ld,
+               float* dest) = nullptr;
+  void (*compute)(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda, const float* b,
+                  int ldb, float beta, float* c, int ldc) = nullptr;
+};
+
+const PackApi& pack_api() {
+  static const PackApi api = [] {
+    PackApi a;
+    a.get_size = reinterpret_cast<decltype(a.get_size)>(dlsym(RTLD_DEFAULT, "cblas_sgemm_pack_get_size"));
+    a.pack = reinterpret_cast<decltype(a.pack)>(dlsym(RTLD_DEFAULT, "cblas_sgemm_pack"));
+    a.compute = reinterpret_cast<decltype(a.compute)>(dlsym(RTLD_DEFAULT, "cblas_sgemm_compute"));
+    return a;
+  }();
+  return api;
+}
+
+}  // namespace
+
+bool PackedWeight::available() {
+  const PackApi& api = pack_api();
+  return api.get_size && api.pack && api.compute;
+}
+
+PackedWeight::PackedWeight(int64_t m, int64_t n, int64_t k, const float* b, bool transpose_b)
+    : m_(static_cast<int>(m)), n_(static_cast<int>(n)), k_(static_cast<int>(k)) {
+  const PackApi& api = pack_api();
+  packed_ = static_cast<float*>(std::malloc(api.get_size(kBMatrix, m_, n_, k_)));
+  TORCH_CHECK(packed_ != nullptr, "fused_lstm: out of memory packing the recurrent weights");
+  api.pack(kRowMajor, kBMatrix, transpose_b ? kTrans : kNoTrans, m_, n_, k_, 1.0f, b, transpose_b ? k_ : n_,
+           packed_);
+}
+
+PackedWeight::~PackedWeight() {
+  std::free(packed_);
+}
+
+void PackedWeight::gemm(const float* a, float beta, float* c) const {
+  pack_api().compute(kRowMajor, kNoTrans, kPacked, m_, n_, k_, a, k_, packed_, n_, beta, c, n_);
 }
 
 template bool available<float>(int64_t);

@@ -30,4 +30,26 @@ bool available(int64_t largest_dimension);
 template <typename T>
 void row_major_gemm(int64_t m, int64_t n, int64_t k, const T* a, const T* b, bool transpose_b, T beta, T* c);
 
+// MKL's packed-GEMM API (cblas_sgemm_pack / cblas_sgemm_compute), float only: op(B) is packed once into
+// the layout MKL's kernels read, then multiplied many times. The recurrent weights meet the same GEMM at every
+// step of a dense sequence, where this was measured 1.3x (B=32, H=256) to 1.5x (B=64, H=512) faster than
+// sgemm, with identical results. The packing depends on m, so a PackedWeight serves only GEMMs of its m.
+class PackedWeight {
+ public:
+  static bool available();
+  // Packs op(B) for C[m, n] = A[m, k] op(B): B stored [n, k] (transpose_b) or [k, n], row-major.
+  PackedWeight(int64_t m, int64_t n, int64_t k, const float* b, bool transpose_b);
+  ~PackedWeight();
+  PackedWeight(const PackedWeight&) = delete;
+  PackedWeight& operator=(const PackedWeight&) = delete;
+
+  // C[m, n] = A[m, k] op(B) + beta * C, all row-major and contiguous.
+  void gemm(const float* a, float beta, float* c) const;
+  int64_t m() const { return m_; }
+
+ private:
+  int m_, n_, k_;
+  float* packed_;
+};
+
 }  // namespace fused_lstm::cpu::blas

@@ -17,10 +17,10 @@ struct CudaCell {
 
 // The Backend policy of layer.h for CUDA: ATen's GEMMs (cuBLAS on the current stream) and our cell kernels.
 struct CudaBackend {
-  static std::unique_ptr<ForwardStepper> make_forward_stepper(const ForwardBuffers& b) {
+  static std::unique_ptr<ForwardStepper> make_forward_stepper(const ForwardBuffers& b, const std::vector<Step>&) {
     return std::make_unique<AtenForwardStepper<CudaCell>>(b);
   }
-  static std::unique_ptr<BackwardStepper> make_backward_stepper(const BackwardBuffers& b) {
+  static std::unique_ptr<BackwardStepper> make_backward_stepper(const BackwardBuffers& b, const std::vector<Step>&) {
     return std::make_unique<AtenBackwardStepper<CudaCell>>(b);
   }
 };
