@@ -6,8 +6,8 @@ character of a few public-domain paragraphs (the opening of Lewis Carroll's "Ali
 seed, once with each LSTM class: fused_lstm.LSTM is a drop-in), see the same batches in the same order and draw
 the same dropout masks, so their losses should agree to float32 rounding. Over a long run the two columns drift
 apart slowly, as any two float32 trainings whose arithmetic differs in the last bit do (nn.LSTM runs oneDNN or
-ATen's kernels on the CPU, fused_lstm its own); a 1-ulp nudge to the initial weights of nn.LSTM alone moves its
-losses as much.
+ATen's kernels on the CPU, fused_lstm its own); a 1-ulp nudge to nn.LSTM's initial weights moves its own losses by
+a similar amount.
 
 Run:  .venv/bin/python examples/char_model.py --steps 200
 """

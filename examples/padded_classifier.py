@@ -10,7 +10,7 @@ The fused model is built with fused_lstm.LSTM and given the nn.LSTM model's stat
 the same weights; they see the same batches and draw the same dropout masks, so their losses should agree to
 float32 rounding. Over a long run the two columns drift apart slowly, as any two float32 trainings whose
 arithmetic differs in the last bit do (nn.LSTM runs oneDNN or ATen's kernels on the CPU, fused_lstm its own); a
-1-ulp nudge to the initial weights of nn.LSTM alone moves its losses as much.
+1-ulp nudge to nn.LSTM's initial weights moves its own losses by a similar amount.
 
 Run:  .venv/bin/python examples/padded_classifier.py --steps 150
 """
