@@ -77,7 +77,9 @@ capability_sources = {lib[1]["sources"][0] for lib in cpu_capability_libraries}
 cpp_sources = [os.path.join(CSRC, "layer.cpp")] + sorted(
     src for src in glob.glob(os.path.join(CSRC, "cpu", "*.cpp")) if src not in capability_sources
 )
-cxx_flags = ["-O3", "-DTORCH_ASSERT_ONLY_METHOD_OPERATORS"]
+# -fopenmp: at::parallel_for is an inline template whose `#pragma omp parallel` is silently serial without it.
+cxx_flags = ["-O3", "-fopenmp", "-DTORCH_ASSERT_ONLY_METHOD_OPERATORS"]
+link_flags = ["-fopenmp"]
 
 if BUILD_CUDA:
     extension = CUDAExtension(
@@ -85,9 +87,12 @@ if BUILD_CUDA:
         cpp_sources + sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cpp"))) + sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu"))),
         include_dirs=wheel_cuda_includes(),
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-DTORCH_ASSERT_ONLY_METHOD_OPERATORS"]},
+        extra_link_args=link_flags,
     )
 else:
-    extension = CppExtension("fused_lstm._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})
+    extension = CppExtension(
+        "fused_lstm._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
+    )
 
 class BuildExtensionAndLibraries(BuildExtension.with_options(use_ninja=True)):
     """`build` runs build_clib before build_ext, but `build_ext --inplace` and editable installs run only
@@ -95,8 +100,14 @@ class BuildExtensionAndLibraries(BuildExtension.with_options(use_ninja=True)):
 
     def run(self):
         build_clib = self.get_finalized_command("build_clib")
-        # build_clib compares only source timestamps: rebuild when a header changed too.
-        build_clib.force = self.force or newest_header() > oldest_library(build_clib)
+        # build_clib compares only source timestamps, so objects built before a header changed would be
+        # archived again as they are: remove them then.
+        if self.force or newest_header() > oldest_library(build_clib):
+            for _, info in cpu_capability_libraries:
+                for source in info["sources"]:
+                    stale = os.path.join(build_clib.build_temp, os.path.splitext(source)[0] + ".o")
+                    if os.path.exists(stale):
+                        os.remove(stale)
         self.run_command("build_clib")
         super().run()
 

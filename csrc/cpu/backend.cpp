@@ -4,6 +4,8 @@
 // for the CPU dispatch key.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -96,6 +98,11 @@ auto backward_loop() {
   }
 }
 
+template <typename S>
+auto small_gemm_loop() {
+  return pick(&DEFAULT::small_gemm_rows<S>, &AVX2::small_gemm_rows<S>, &AVX512::small_gemm_rows<S>);
+}
+
 template <typename Pointers, typename Loop>
 void parallel_rows(const Pointers& p, int64_t rows, Loop loop) {
   at::parallel_for(0, rows, row_grain(p.hidden), [&](int64_t begin, int64_t end) { loop(p, begin, end); });
@@ -138,65 +145,126 @@ struct Widths {
   explicit Widths(const at::Tensor& w_hh) : hidden(w_hh.size(0) / 4), output(w_hh.size(1)) {}
 };
 
-// The recurrent weights, packed once per layer call for MKL where that pays: float, MKL's packed API present,
-// and every step with the same rows (a dense sequence; the packing depends on the row count) and enough of
-// them (measured: no gain at B=8, 1.3x at B=32).
-constexpr int64_t kMinRowsToPack = 16;
-
-template <typename S>
-std::unique_ptr<blas::PackedWeight> pack_if_worth_it(const std::vector<Step>& schedule, int64_t n, int64_t k,
-                                                     const S* b, bool transpose_b) {
-  if constexpr (std::is_same_v<S, float>) {
-    const int64_t rows = schedule.empty() ? 0 : schedule.front().rows;
-    const bool uniform = std::all_of(schedule.begin(), schedule.end(), [&](const Step& s) { return s.rows == rows; });
-    if (uniform && rows >= kMinRowsToPack && blas::PackedWeight::available()) {
-      return std::make_unique<blas::PackedWeight>(rows, n, k, b, transpose_b);
-    }
-  }
-  return nullptr;
+// The same batch size at every step (a dense sequence), or 0.
+int64_t uniform_rows(const std::vector<Step>& schedule) {
+  const int64_t rows = schedule.empty() ? 0 : schedule.front().rows;
+  const bool uniform = std::all_of(schedule.begin(), schedule.end(), [&](const Step& s) { return s.rows == rows; });
+  return uniform ? rows : 0;
 }
 
-// C[rows, n] = A[rows, k] op(B) + beta C, through the packed weights when they were packed for these rows.
+// One of a layer call's per-step GEMMs, C[rows, n] = A[rows, k] B[k, n] (+ C if accumulate), with B (a
+// weight, transposed once per call so that B is [k, n] row-major, the layout MKL's kernels read fastest) the
+// same at every step. Chooses per step among:
+//  * small batches: our own kernel (kernels.h SmallGemm), since a BLAS call costs microseconds there;
+//  * float with the same rows at every step, from kMinRowsToPack: MKL's packed weights, packed once per call
+//    (measured: no gain at B=8, 1.3x at B=32; the packing is valid only for the rows it was made for);
+//  * otherwise the BLAS GEMM.
 template <typename S>
-void gemm(const blas::PackedWeight* packed, int64_t rows, int64_t n, int64_t k, const S* a, const S* b,
-          bool transpose_b, S beta, S* c) {
-  if constexpr (std::is_same_v<S, float>) {
-    if (packed != nullptr && packed->m() == rows) {
-      packed->gemm(a, beta, c);
-      return;
+class StepGemm {
+ public:
+  static constexpr int64_t kMaxSmallRows = 8;
+  static constexpr int64_t kMinRowsToPack = 16;
+
+  // b: nullptr for a GEMM the layer does not have (the projection, without one); never called then.
+  StepGemm(const S* b, int64_t n, int64_t k, bool accumulate, const std::vector<Step>& schedule)
+      : b_(b), n_(n), k_(k), accumulate_(accumulate), small_(small_gemm_loop<S>()) {
+    if constexpr (std::is_same_v<S, float>) {
+      const int64_t rows = uniform_rows(schedule);
+      if (b != nullptr && rows >= kMinRowsToPack && blas::PackedWeight::available()) {
+        packed_ = std::make_unique<blas::PackedWeight>(rows, n, k, b, /*transpose_b=*/false);
+      }
     }
   }
-  blas::row_major_gemm<S>(rows, n, k, a, b, transpose_b, beta, c);
+
+  void operator()(int64_t rows, const S* a, S* c) const {
+    if (rows <= kMaxSmallRows) {
+      small_columns(rows, a, c);
+      return;
+    }
+    if constexpr (std::is_same_v<S, float>) {
+      if (packed_ && packed_->m() == rows) {
+        packed_->gemm(a, accumulate_ ? 1.0f : 0.0f, c);
+        return;
+      }
+    }
+    blas::row_major_gemm<S>(rows, n_, k_, a, b_, /*transpose_b=*/false, accumulate_ ? S(1) : S(0), c);
+  }
+
+ private:
+  // The small-batch kernel, its columns split over threads in blocks of whole vectors when the work pays
+  // for waking a thread.
+  void small_columns(int64_t rows, const S* a, S* c) const {
+    constexpr int64_t kBlock = 2 * at::vec::Vectorized<S>::size();
+    constexpr int64_t kMinMultiplyAddsPerThread = 1 << 17;
+    const int64_t blocks = (n_ + kBlock - 1) / kBlock;
+    const int64_t grain = std::max<int64_t>(1, kMinMultiplyAddsPerThread / std::max<int64_t>(1, rows * k_ * kBlock));
+    at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+      const int64_t j0 = begin * kBlock, j1 = std::min(n_, end * kBlock);
+      small_(SmallGemm<S>{j1 - j0, k_, a, b_ + j0, c + j0, n_, n_, accumulate_}, 0, rows);
+    });
+  }
+
+  const S* b_;
+  int64_t n_, k_;
+  bool accumulate_;
+  decltype(small_gemm_loop<S>()) small_;
+  std::unique_ptr<blas::PackedWeight> packed_;
+};
+
+// weight [r, c] -> its transpose [c, r], contiguous: MKL's transpose, else cache-sized tiles (ATen's strided
+// copy took 87 us for a 512 x 128 float matrix here, which a small layer call cannot afford).
+template <typename S>
+at::Tensor transposed(const at::Tensor& weight) {
+  constexpr int64_t kTile = 32;
+  const int64_t rows = weight.size(0), cols = weight.size(1);
+  at::Tensor out = at::empty({cols, rows}, weight.options());
+  const S* src = weight.const_data_ptr<S>();
+  S* dst = out.data_ptr<S>();
+  if (blas::transpose<S>(rows, cols, src, dst)) {
+    return out;
+  }
+  for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
+    for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
+      for (int64_t r = r0; r < std::min(rows, r0 + kTile); ++r) {
+        for (int64_t c = c0; c < std::min(cols, c0 + kTile); ++c) {
+          dst[c * rows + r] = src[r * cols + c];
+        }
+      }
+    }
+  }
+  return out;
 }
 
 template <typename S>
 class BlasForwardStepper final : public ForwardStepper {
  public:
   BlasForwardStepper(const ForwardBuffers& b, const std::vector<Step>& schedule)
-      : w_(b.w_hh), w_hh_(b.w_hh.const_data_ptr<S>()), w_hr_(pointer_or_null<S>(b.w_hr)),
+      : w_(b.w_hh), w_hh_t_(transposed<S>(b.w_hh)), w_hr_t_(b.w_hr.defined() ? transposed<S>(b.w_hr) : at::Tensor()),
         gates_(b.gates.data_ptr<S>()), cells_(b.cells.data_ptr<S>()), output_(b.output.data_ptr<S>()),
         h_state_(b.h_state.data_ptr<S>()), c_state_(b.c_state.data_ptr<S>()),
         unprojected_(pointer_or_null<S>(b.unprojected)), loop_(forward_loop<S>()),
-        packed_w_hh_(pack_if_worth_it(schedule, 4 * w_.hidden, w_.output, w_hh_, /*transpose_b=*/true)) {}
+        recurrent_(w_hh_t_.const_data_ptr<S>(), 4 * w_.hidden, w_.output, /*accumulate=*/true, schedule),
+        projection_(pointer_or_null<S>(w_hr_t_), w_.output, w_.hidden, /*accumulate=*/false, schedule) {}
 
   void run(const Step& step) override {
     const int64_t H = w_.hidden, Hout = w_.output, rows = step.rows;
+    const bool project = w_hr_t_.defined();
     S* gates = gates_ + step.offset * 4 * H;
     S* output = output_ + step.offset * Hout;
-    gemm<S>(packed_w_hh_.get(), rows, 4 * H, Hout, h_state_, w_hh_, /*transpose_b=*/true, S(1), gates);
-    const ForwardPointers<S> p{H, gates, c_state_, cells_ + step.offset * H, w_hr_ ? unprojected_ : output,
-                               w_hr_ ? nullptr : h_state_};
+    recurrent_(rows, h_state_, gates);
+    const ForwardPointers<S> p{H, gates, c_state_, cells_ + step.offset * H, project ? unprojected_ : output,
+                               project ? nullptr : h_state_};
     parallel_rows(p, rows, loop_);
-    if (w_hr_) {
-      blas::row_major_gemm<S>(rows, Hout, H, unprojected_, w_hr_, /*transpose_b=*/true, S(0), output);
+    if (project) {
+      projection_(rows, unprojected_, output);
       std::memcpy(h_state_, output, sizeof(S) * rows * Hout);
     }
   }
 
  private:
   Widths w_;
-  const S* w_hh_;
-  const S* w_hr_;
+  at::Tensor w_hh_t_;  // [Hout, 4H]
+  at::Tensor w_hr_t_;  // [H, Hout]
   S* gates_;
   S* cells_;
   S* output_;
@@ -204,20 +272,22 @@ class BlasForwardStepper final : public ForwardStepper {
   S* c_state_;
   S* unprojected_;
   decltype(forward_loop<S>()) loop_;
-  std::unique_ptr<blas::PackedWeight> packed_w_hh_;
+  StepGemm<S> recurrent_;   // gates += h W_hh^T
+  StepGemm<S> projection_;  // output = h W_hr^T
 };
 
 template <typename S>
 class BlasBackwardStepper final : public BackwardStepper {
  public:
   BlasBackwardStepper(const BackwardBuffers& b, const std::vector<Step>& schedule)
-      : w_(b.w_hh), w_hh_(b.w_hh.const_data_ptr<S>()), w_hr_(pointer_or_null<S>(b.w_hr)),
-        gates_(b.gates.const_data_ptr<S>()), cells_(b.cells.const_data_ptr<S>()),
-        c_prev_(b.c_prev.const_data_ptr<S>()), grad_output_(b.grad_output.const_data_ptr<S>()),
-        d_gates_(b.d_gates.data_ptr<S>()), d_h_state_(b.d_h_state.data_ptr<S>()),
-        d_c_state_(b.d_c_state.data_ptr<S>()), d_output_all_(pointer_or_null<S>(b.d_output_all)),
-        d_unprojected_(pointer_or_null<S>(b.d_unprojected)), loop_(backward_loop<S>()),
-        packed_w_hh_(pack_if_worth_it(schedule, w_.output, 4 * w_.hidden, w_hh_, /*transpose_b=*/false)) {}
+      : w_(b.w_hh), project_(b.w_hr.defined()), gates_(b.gates.const_data_ptr<S>()),
+        cells_(b.cells.const_data_ptr<S>()), c_prev_(b.c_prev.const_data_ptr<S>()),
+        grad_output_(b.grad_output.const_data_ptr<S>()), d_gates_(b.d_gates.data_ptr<S>()),
+        d_h_state_(b.d_h_state.data_ptr<S>()), d_c_state_(b.d_c_state.data_ptr<S>()),
+        d_output_all_(pointer_or_null<S>(b.d_output_all)), d_unprojected_(pointer_or_null<S>(b.d_unprojected)),
+        loop_(backward_loop<S>()),
+        recurrent_(b.w_hh.const_data_ptr<S>(), w_.output, 4 * w_.hidden, /*accumulate=*/false, schedule),
+        projection_(pointer_or_null<S>(b.w_hr), w_.hidden, w_.output, /*accumulate=*/false, schedule) {}
 
   void run(const Step& step) override {
     const int64_t H = w_.hidden, Hout = w_.output, rows = step.rows;
@@ -226,22 +296,21 @@ class BlasBackwardStepper final : public BackwardStepper {
       d_h_state_[i] += grad_output[i];
     }
     const S* d_hidden = d_h_state_;
-    if (w_hr_) {
+    if (project_) {
       std::memcpy(d_output_all_ + step.offset * Hout, d_h_state_, sizeof(S) * rows * Hout);
-      blas::row_major_gemm<S>(rows, H, Hout, d_h_state_, w_hr_, /*transpose_b=*/false, S(0), d_unprojected_);
+      projection_(rows, d_h_state_, d_unprojected_);
       d_hidden = d_unprojected_;
     }
     S* d_gates = d_gates_ + step.offset * 4 * H;
     const BackwardPointers<S> p{H, gates_ + step.offset * 4 * H, cells_ + step.offset * H, c_prev_ + step.offset * H,
                                 d_hidden, d_c_state_, d_gates};
     parallel_rows(p, rows, loop_);
-    gemm<S>(packed_w_hh_.get(), rows, Hout, 4 * H, d_gates, w_hh_, /*transpose_b=*/false, S(0), d_h_state_);
+    recurrent_(rows, d_gates, d_h_state_);
   }
 
  private:
   Widths w_;
-  const S* w_hh_;
-  const S* w_hr_;
+  bool project_;
   const S* gates_;
   const S* cells_;
   const S* c_prev_;
@@ -252,7 +321,8 @@ class BlasBackwardStepper final : public BackwardStepper {
   S* d_output_all_;
   S* d_unprojected_;
   decltype(backward_loop<S>()) loop_;
-  std::unique_ptr<blas::PackedWeight> packed_w_hh_;
+  StepGemm<S> recurrent_;   // dL/dh_{t-1} = d_gates W_hh
+  StepGemm<S> projection_;  // dL/d(unprojected h) = dL/dh W_hr
 };
 
 // The largest GEMM dimension of a layer call's steps, for blas::available.

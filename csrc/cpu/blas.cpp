@@ -5,6 +5,7 @@
 
 #include <cstdlib>
 #include <limits>
+#include <type_traits>
 
 namespace fused_lstm::cpu::blas {
 namespace {
@@ -97,6 +98,34 @@ void PackedWeight::gemm(const float* a, float beta, float* c) const {
   pack_api().compute(kRowMajor, kNoTrans, kPacked, m_, n_, k_, a, k_, packed_, n_, beta, c, n_);
 }
 
+namespace {
+
+template <typename T>
+using Omatcopy = void (*)(char ordering, char trans, size_t rows, size_t cols, T alpha, const T* a, size_t lda, T* b,
+                          size_t ldb);
+
+template <typename T>
+Omatcopy<T> omatcopy() {
+  static const Omatcopy<T> fn = reinterpret_cast<Omatcopy<T>>(
+      dlsym(RTLD_DEFAULT, std::is_same_v<T, float> ? "MKL_Somatcopy" : "MKL_Domatcopy"));
+  return fn;
+}
+
+}  // namespace
+
+template <typename T>
+bool transpose(int64_t rows, int64_t cols, const T* src, T* dst) {
+  const Omatcopy<T> fn = omatcopy<T>();
+  if (fn == nullptr) {
+    return false;
+  }
+  fn('R', 'T', static_cast<size_t>(rows), static_cast<size_t>(cols), T(1), src, static_cast<size_t>(cols), dst,
+     static_cast<size_t>(rows));
+  return true;
+}
+
+template bool transpose<float>(int64_t, int64_t, const float*, float*);
+template bool transpose<double>(int64_t, int64_t, const double*, double*);
 template bool available<float>(int64_t);
 template bool available<double>(int64_t);
 template void row_major_gemm<float>(int64_t, int64_t, int64_t, const float*, const float*, bool, float, float*);

@@ -30,6 +30,11 @@ bool available(int64_t largest_dimension);
 template <typename T>
 void row_major_gemm(int64_t m, int64_t n, int64_t k, const T* a, const T* b, bool transpose_b, T beta, T* c);
 
+// dst[cols, rows] = src[rows, cols]^T, both row-major and contiguous, with MKL's out-of-place transpose
+// (MKL_?omatcopy, the C interface) where libtorch has it; false where it does not, and the caller transposes itself.
+template <typename T>
+bool transpose(int64_t rows, int64_t cols, const T* src, T* dst);
+
 // MKL's packed-GEMM API (cblas_sgemm_pack / cblas_sgemm_compute), float only: op(B) is packed once into
 // the layout MKL's kernels read, then multiplied many times. The recurrent weights meet the same GEMM at every
 // step of a dense sequence, where this was measured 1.3x (B=32, H=256) to 1.5x (B=64, H=512) faster than

@@ -33,6 +33,19 @@ struct BackwardPointers {
   scalar_t* d_gates;         // [rows, 4H] out: dL/d(pre-activations)
 };
 
+// C[rows, n] = A[rows, k] B[k, n] (+ C if accumulate), all row-major and contiguous: the per-step GEMM of a
+// small batch, where a BLAS call costs more than the arithmetic. B (the transposed recurrent weights) is read
+// once per block of rows, from cache.
+template <typename scalar_t>
+struct SmallGemm {
+  int64_t n, k;
+  const scalar_t* a;  // [rows, k]
+  const scalar_t* b;  // [k, n], row stride ldb
+  scalar_t* c;        // [rows, n], row stride ldc
+  int64_t ldb, ldc;   // >= n: a SmallGemm may cover a block of columns of larger matrices
+  bool accumulate;
+};
+
 // Declares the kernels of one capability, over rows [row_begin, row_end).
 #define FUSED_LSTM_DECLARE_CPU_KERNELS(capability)                                                    \
   namespace capability {                                                                              \
@@ -40,6 +53,8 @@ struct BackwardPointers {
   void forward_rows(const ForwardPointers<scalar_t>& p, int64_t row_begin, int64_t row_end);         \
   template <typename scalar_t>                                                                        \
   void backward_rows(const BackwardPointers<scalar_t>& p, int64_t row_begin, int64_t row_end);       \
+  template <typename scalar_t>                                                                        \
+  void small_gemm_rows(const SmallGemm<scalar_t>& g, int64_t row_begin, int64_t row_end);            \
   }
 
 FUSED_LSTM_DECLARE_CPU_KERNELS(DEFAULT)
