@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
+#include <omp.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -187,7 +188,7 @@ class StepGemm {
         return;
       }
     }
-    blas::row_major_gemm<S>(rows, n_, k_, a, b_, /*transpose_b=*/false, accumulate_ ? S(1) : S(0), c);
+    blas::row_major_gemm<S>(rows, n_, k_, a, k_, b_, n_, accumulate_ ? S(1) : S(0), c, n_);
   }
 
  private:
@@ -249,6 +250,10 @@ class BlasForwardStepper final : public ForwardStepper {
   void run(const Step& step) override {
     const int64_t H = w_.hidden, Hout = w_.output, rows = step.rows;
     const bool project = w_hr_t_.defined();
+    if (!project && threads_ > 1 && rows * Hout * 4 * H >= kMinMultiplyAddsToSplit) {
+      run_split(step);
+      return;
+    }
     S* gates = gates_ + step.offset * 4 * H;
     S* output = output_ + step.offset * Hout;
     recurrent_(rows, h_state_, gates);
@@ -262,6 +267,46 @@ class BlasForwardStepper final : public ForwardStepper {
   }
 
  private:
+  static constexpr int64_t kMinMultiplyAddsToSplit = 1 << 16;
+
+  // One step without projection, in one parallel region: each thread takes a block of hidden units, computes
+  // those columns of all four gates' GEMM, waits for the others (all of them read h_{t-1} in h_state), then
+  // runs the cell on its hidden units, writing h_t and c_t in place. One fork-join a step, and each thread
+  // keeps reading the same slice of W_hh^T, which stays in its core's cache.
+  void run_split(const Step& step) {
+    const int64_t H = w_.hidden, rows = step.rows;
+    S* gates = gates_ + step.offset * 4 * H;
+    const S* w = w_hh_t_.const_data_ptr<S>();
+    constexpr int64_t kAlign = 2 * at::vec::Vectorized<S>::size();
+#pragma omp parallel num_threads(threads_)
+    {
+      const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+      const int64_t per_thread = (H + threads - 1) / threads;
+      const int64_t j0 = std::min(H, (t * per_thread + kAlign - 1) / kAlign * kAlign);
+      const int64_t j1 = t + 1 == threads ? H : std::min(H, ((t + 1) * per_thread + kAlign - 1) / kAlign * kAlign);
+      for (int64_t gate = 0; gate < 4 && j0 < j1; ++gate) {
+        gate_columns(rows, gate * H + j0, j1 - j0, w, gates);
+      }
+#pragma omp barrier
+      if (j0 < j1) {
+        ForwardPointers<S> p{H, gates, c_state_, cells_ + step.offset * H, output_ + step.offset * H, h_state_};
+        p.col_begin = j0;
+        p.col_end = j1;
+        loop_(p, 0, rows);
+      }
+    }
+  }
+
+  // gates[:, col : col + n] += h_state W_hh^T[:, col : col + n], on this thread alone.
+  void gate_columns(int64_t rows, int64_t col, int64_t n, const S* w, S* gates) const {
+    const int64_t H4 = 4 * w_.hidden, Hout = w_.output;
+    if (rows <= StepGemm<S>::kMaxSmallRows) {
+      small_(SmallGemm<S>{n, Hout, h_state_, w + col, gates + col, H4, H4, true}, 0, rows);
+    } else {
+      blas::row_major_gemm<S>(rows, n, Hout, h_state_, Hout, w + col, H4, S(1), gates + col, H4);
+    }
+  }
+
   Widths w_;
   at::Tensor w_hh_t_;  // [Hout, 4H]
   at::Tensor w_hr_t_;  // [H, Hout]
@@ -274,6 +319,8 @@ class BlasForwardStepper final : public ForwardStepper {
   decltype(forward_loop<S>()) loop_;
   StepGemm<S> recurrent_;   // gates += h W_hh^T
   StepGemm<S> projection_;  // output = h W_hr^T
+  decltype(small_gemm_loop<S>()) small_ = small_gemm_loop<S>();
+  int threads_ = at::get_num_threads();
 };
 
 template <typename S>

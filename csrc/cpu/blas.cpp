@@ -37,17 +37,15 @@ bool available(int64_t largest_dimension) {
 }
 
 template <typename T>
-void row_major_gemm(int64_t m, int64_t n, int64_t k, const T* a, const T* b, bool transpose_b, T beta, T* c) {
-  // Row-major C = A op(B) is column-major C^T = op(B)^T A^T: swap the operands, and the row-major B
-  // [n, k] read as column-major is already B^T, so "transposed B" becomes no transpose there and vice versa.
+void row_major_gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c,
+                    int64_t ldc) {
+  // Row-major C = A B is column-major C^T = B^T A^T, and a row-major matrix read as column-major is its
+  // transpose: so call the column-major routine with the operands swapped and no transposes.
   const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
-  const int ldb = static_cast<int>(transpose_b ? k : n);
-  const int lda = K;
-  const int ldc = M;
+  const int ld_b = static_cast<int>(ldb), ld_a = static_cast<int>(lda), ld_c = static_cast<int>(ldc);
   const T alpha(1);
-  const char trans_b = transpose_b ? 'T' : 'N';
   const char no_trans = 'N';
-  gemm<T>().fn(&trans_b, &no_trans, &M, &N, &K, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
+  gemm<T>().fn(&no_trans, &no_trans, &M, &N, &K, &alpha, b, &ld_b, a, &ld_a, &beta, c, &ld_c);
 }
 
 namespace {
@@ -128,7 +126,9 @@ template bool transpose<float>(int64_t, int64_t, const float*, float*);
 template bool transpose<double>(int64_t, int64_t, const double*, double*);
 template bool available<float>(int64_t);
 template bool available<double>(int64_t);
-template void row_major_gemm<float>(int64_t, int64_t, int64_t, const float*, const float*, bool, float, float*);
-template void row_major_gemm<double>(int64_t, int64_t, int64_t, const double*, const double*, bool, double, double*);
+template void row_major_gemm<float>(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float,
+                                    float*, int64_t);
+template void row_major_gemm<double>(int64_t, int64_t, int64_t, const double*, int64_t, const double*, int64_t, double,
+                                     double*, int64_t);
 
 }  // namespace fused_lstm::cpu::blas

@@ -25,10 +25,11 @@ const Gemm<T>& gemm();  // defined for float and double
 template <typename T>
 bool available(int64_t largest_dimension);
 
-// Row-major convenience over the column-major routine: C[m, n] = A[m, k] * op(B) + beta * C, where
-// op(B) = B^T with B stored [n, k] row-major (transpose_b) or B stored [k, n] row-major. All contiguous.
+// Row-major convenience over the column-major routine: C[m, n] = A[m, k] B[k, n] + beta * C, with row
+// strides lda, ldb, ldc (so that A, B and C may be column blocks of larger matrices).
 template <typename T>
-void row_major_gemm(int64_t m, int64_t n, int64_t k, const T* a, const T* b, bool transpose_b, T beta, T* c);
+void row_major_gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c,
+                    int64_t ldc);
 
 // dst[cols, rows] = src[rows, cols]^T, both row-major and contiguous, with MKL's out-of-place transpose
 // (MKL_?omatcopy, the C interface) where libtorch has it; false where it does not, and the caller transposes itself.

@@ -20,6 +20,8 @@ struct ForwardPointers {
   scalar_t* cells;    // [rows, H]  out: c_t
   scalar_t* h_out;    // [rows, H]  out: h_t (unprojected)
   scalar_t* h_state;  // [rows, H]  out: h_t again; nullptr to skip
+  int64_t col_begin = 0;  // the hidden units [col_begin, col_end) of each row to process;
+  int64_t col_end = -1;   // -1: up to H
 };
 
 template <typename scalar_t>

@@ -66,8 +66,9 @@ void forward_rows_as(const ForwardPointers<S>& p, int64_t row_begin, int64_t row
     S* cells = p.cells + row * H;
     S* h_out = p.h_out + row * H;
     S* h_state = p.h_state ? p.h_state + row * H : nullptr;
-    for (int64_t j = 0; j < H; j += L::width) {
-      const int64_t n = std::min(L::width, H - j);
+    const int64_t end = p.col_end < 0 ? H : p.col_end;
+    for (int64_t j = p.col_begin; j < end; j += L::width) {
+      const int64_t n = std::min(L::width, end - j);
       const auto r = cell_forward(L::load(gates + j, n), L::load(gates + H + j, n), L::load(gates + 2 * H + j, n),
                                   L::load(gates + 3 * H + j, n), L::load(c_state + j, n));
       L::store(r.i, gates + j, n);
