@@ -153,62 +153,78 @@ int64_t uniform_rows(const std::vector<Step>& schedule) {
   return uniform ? rows : 0;
 }
 
-// One of a layer call's per-step GEMMs, C[rows, n] = A[rows, k] B[k, n] (+ C if accumulate), with B (a
-// weight, transposed once per call so that B is [k, n] row-major, the layout MKL's kernels read fastest) the
-// same at every step. Chooses per step among:
-//  * small batches: our own kernel (kernels.h SmallGemm), since a BLAS call costs microseconds there;
+// One of a layer call's per-step GEMMs, C[rows, n] = A[rows, k] B[k, n] (+ C if accumulate), with B a weight
+// block (row stride ldb) that is the same at every step. Chooses per step among:
+//  * small batches: our own kernel on B packed into panels once per call (kernels.h SmallGemm), since a BLAS
+//    call costs microseconds there;
 //  * float with the same rows at every step, from kMinRowsToPack: MKL's packed weights, packed once per call
 //    (measured: no gain at B=8, 1.3x at B=32; the packing is valid only for the rows it was made for);
 //  * otherwise the BLAS GEMM.
+// columns() computes a block of C's columns on the calling thread alone, for callers that split the work.
 template <typename S>
 class StepGemm {
  public:
   static constexpr int64_t kMaxSmallRows = 8;
   static constexpr int64_t kMinRowsToPack = 16;
+  static constexpr int64_t kPanel = kSmallGemmPanel<S>;
 
   // b: nullptr for a GEMM the layer does not have (the projection, without one); never called then.
-  StepGemm(const S* b, int64_t n, int64_t k, bool accumulate, const std::vector<Step>& schedule)
-      : b_(b), n_(n), k_(k), accumulate_(accumulate), small_(small_gemm_loop<S>()) {
+  StepGemm(const S* b, int64_t ldb, int64_t n, int64_t k, bool accumulate, const std::vector<Step>& schedule)
+      : b_(b), ldb_(ldb), n_(n), k_(k), accumulate_(accumulate), small_(small_gemm_loop<S>()) {
+    if (b == nullptr) {
+      return;
+    }
+    const bool any_small = std::any_of(schedule.begin(), schedule.end(), [](const Step& s) { return s.rows <= kMaxSmallRows; });
+    if (any_small) {
+      pack_panels();
+    }
     if constexpr (std::is_same_v<S, float>) {
       const int64_t rows = uniform_rows(schedule);
-      if (b != nullptr && rows >= kMinRowsToPack && blas::PackedWeight::available()) {
-        packed_ = std::make_unique<blas::PackedWeight>(rows, n, k, b, /*transpose_b=*/false);
+      if (rows >= kMinRowsToPack && blas::PackedWeight::available()) {
+        packed_ = std::make_unique<blas::PackedWeight>(rows, n, k, b, ldb);
       }
     }
   }
 
-  void operator()(int64_t rows, const S* a, S* c) const {
-    if (rows <= kMaxSmallRows) {
-      small_columns(rows, a, c);
-      return;
-    }
+  // C[rows, :] for all columns; may use several threads (through the BLAS).
+  void operator()(int64_t rows, const S* a, S* c, int64_t ldc) const {
     if constexpr (std::is_same_v<S, float>) {
-      if (packed_ && packed_->m() == rows) {
-        packed_->gemm(a, accumulate_ ? 1.0f : 0.0f, c);
+      if (rows > kMaxSmallRows && packed_ && packed_->m() == rows) {
+        packed_->gemm(a, accumulate_ ? 1.0f : 0.0f, c, ldc);
         return;
       }
     }
-    blas::row_major_gemm<S>(rows, n_, k_, a, k_, b_, n_, accumulate_ ? S(1) : S(0), c, n_);
+    columns(rows, 0, n_, a, c, ldc);
+  }
+
+  // C[rows, j0 : j1], on this thread (the BLAS runs single-threaded inside a parallel region); j0 must be
+  // a multiple of kPanel.
+  void columns(int64_t rows, int64_t j0, int64_t j1, const S* a, S* c, int64_t ldc) const {
+    if (rows <= kMaxSmallRows) {
+      small_(SmallGemm<S>{j1 - j0, k_, a, panels_.data() + (j0 / kPanel) * k_ * kPanel, c + j0, ldc, accumulate_}, 0,
+             rows);
+    } else {
+      blas::row_major_gemm<S>(rows, j1 - j0, k_, a, k_, b_ + j0, ldb_, accumulate_ ? S(1) : S(0), c + j0, ldc);
+    }
   }
 
  private:
-  // The small-batch kernel, its columns split over threads in blocks of whole vectors when the work pays
-  // for waking a thread.
-  void small_columns(int64_t rows, const S* a, S* c) const {
-    constexpr int64_t kBlock = 2 * at::vec::Vectorized<S>::size();
-    constexpr int64_t kMinMultiplyAddsPerThread = 1 << 17;
-    const int64_t blocks = (n_ + kBlock - 1) / kBlock;
-    const int64_t grain = std::max<int64_t>(1, kMinMultiplyAddsPerThread / std::max<int64_t>(1, rows * k_ * kBlock));
-    at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-      const int64_t j0 = begin * kBlock, j1 = std::min(n_, end * kBlock);
-      small_(SmallGemm<S>{j1 - j0, k_, a, b_ + j0, c + j0, n_, n_, accumulate_}, 0, rows);
-    });
+  void pack_panels() {
+    const int64_t count = (n_ + kPanel - 1) / kPanel;
+    panels_.assign(count * k_ * kPanel, S(0));
+    for (int64_t p = 0; p < count; ++p) {
+      const int64_t width = std::min(kPanel, n_ - p * kPanel);
+      for (int64_t kk = 0; kk < k_; ++kk) {
+        std::memcpy(panels_.data() + (p * k_ + kk) * kPanel, b_ + kk * ldb_ + p * kPanel, sizeof(S) * width);
+      }
+    }
   }
 
   const S* b_;
-  int64_t n_, k_;
+  int64_t ldb_, n_, k_;
   bool accumulate_;
   decltype(small_gemm_loop<S>()) small_;
+  std::vector<S> panels_;
   std::unique_ptr<blas::PackedWeight> packed_;
 };
 
@@ -244,8 +260,13 @@ class BlasForwardStepper final : public ForwardStepper {
         gates_(b.gates.data_ptr<S>()), cells_(b.cells.data_ptr<S>()), output_(b.output.data_ptr<S>()),
         h_state_(b.h_state.data_ptr<S>()), c_state_(b.c_state.data_ptr<S>()),
         unprojected_(pointer_or_null<S>(b.unprojected)), loop_(forward_loop<S>()),
-        recurrent_(w_hh_t_.const_data_ptr<S>(), 4 * w_.hidden, w_.output, /*accumulate=*/true, schedule),
-        projection_(pointer_or_null<S>(w_hr_t_), w_.output, w_.hidden, /*accumulate=*/false, schedule) {}
+        projection_(pointer_or_null<S>(w_hr_t_), w_.output, w_.output, w_.hidden, /*accumulate=*/false, schedule) {
+    // One GEMM per gate (columns [g H, (g + 1) H) of W_hh^T), so that threads can split the hidden units.
+    for (int64_t gate = 0; gate < 4; ++gate) {
+      recurrent_.emplace_back(w_hh_t_.const_data_ptr<S>() + gate * w_.hidden, 4 * w_.hidden, w_.hidden, w_.output,
+                              /*accumulate=*/true, schedule);
+    }
+  }
 
   void run(const Step& step) override {
     const int64_t H = w_.hidden, Hout = w_.output, rows = step.rows;
@@ -256,12 +277,14 @@ class BlasForwardStepper final : public ForwardStepper {
     }
     S* gates = gates_ + step.offset * 4 * H;
     S* output = output_ + step.offset * Hout;
-    recurrent_(rows, h_state_, gates);
+    for (int64_t gate = 0; gate < 4; ++gate) {
+      recurrent_[gate](rows, h_state_, gates + gate * H, 4 * H);
+    }
     const ForwardPointers<S> p{H, gates, c_state_, cells_ + step.offset * H, project ? unprojected_ : output,
                                project ? nullptr : h_state_};
     parallel_rows(p, rows, loop_);
     if (project) {
-      projection_(rows, unprojected_, output);
+      projection_(rows, unprojected_, output, Hout);
       std::memcpy(h_state_, output, sizeof(S) * rows * Hout);
     }
   }
@@ -272,20 +295,21 @@ class BlasForwardStepper final : public ForwardStepper {
   // One step without projection, in one parallel region: each thread takes a block of hidden units, computes
   // those columns of all four gates' GEMM, waits for the others (all of them read h_{t-1} in h_state), then
   // runs the cell on its hidden units, writing h_t and c_t in place. One fork-join a step, and each thread
-  // keeps reading the same slice of W_hh^T, which stays in its core's cache.
+  // keeps reading the same slice of the weights, which stays in its core's cache.
   void run_split(const Step& step) {
     const int64_t H = w_.hidden, rows = step.rows;
     S* gates = gates_ + step.offset * 4 * H;
-    const S* w = w_hh_t_.const_data_ptr<S>();
-    constexpr int64_t kAlign = 2 * at::vec::Vectorized<S>::size();
+    constexpr int64_t kAlign = StepGemm<S>::kPanel;
 #pragma omp parallel num_threads(threads_)
     {
       const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
-      const int64_t per_thread = (H + threads - 1) / threads;
-      const int64_t j0 = std::min(H, (t * per_thread + kAlign - 1) / kAlign * kAlign);
-      const int64_t j1 = t + 1 == threads ? H : std::min(H, ((t + 1) * per_thread + kAlign - 1) / kAlign * kAlign);
-      for (int64_t gate = 0; gate < 4 && j0 < j1; ++gate) {
-        gate_columns(rows, gate * H + j0, j1 - j0, w, gates);
+      const int64_t blocks = (H + kAlign - 1) / kAlign;
+      const int64_t j0 = std::min(H, t * blocks / threads * kAlign);
+      const int64_t j1 = std::min(H, (t + 1) * blocks / threads * kAlign);
+      if (j0 < j1) {
+        for (int64_t gate = 0; gate < 4; ++gate) {
+          recurrent_[gate].columns(rows, j0, j1, h_state_, gates + gate * H, 4 * H);
+        }
       }
 #pragma omp barrier
       if (j0 < j1) {
@@ -294,16 +318,6 @@ class BlasForwardStepper final : public ForwardStepper {
         p.col_end = j1;
         loop_(p, 0, rows);
       }
-    }
-  }
-
-  // gates[:, col : col + n] += h_state W_hh^T[:, col : col + n], on this thread alone.
-  void gate_columns(int64_t rows, int64_t col, int64_t n, const S* w, S* gates) const {
-    const int64_t H4 = 4 * w_.hidden, Hout = w_.output;
-    if (rows <= StepGemm<S>::kMaxSmallRows) {
-      small_(SmallGemm<S>{n, Hout, h_state_, w + col, gates + col, H4, H4, true}, 0, rows);
-    } else {
-      blas::row_major_gemm<S>(rows, n, Hout, h_state_, Hout, w + col, H4, S(1), gates + col, H4);
     }
   }
 
@@ -317,9 +331,8 @@ class BlasForwardStepper final : public ForwardStepper {
   S* c_state_;
   S* unprojected_;
   decltype(forward_loop<S>()) loop_;
-  StepGemm<S> recurrent_;   // gates += h W_hh^T
-  StepGemm<S> projection_;  // output = h W_hr^T
-  decltype(small_gemm_loop<S>()) small_ = small_gemm_loop<S>();
+  std::vector<StepGemm<S>> recurrent_;  // gates[:, g] += h W_hh^T[:, g], per gate g
+  StepGemm<S> projection_;              // output = h W_hr^T
   int threads_ = at::get_num_threads();
 };
 
@@ -333,8 +346,8 @@ class BlasBackwardStepper final : public BackwardStepper {
         d_h_state_(b.d_h_state.data_ptr<S>()), d_c_state_(b.d_c_state.data_ptr<S>()),
         d_output_all_(pointer_or_null<S>(b.d_output_all)), d_unprojected_(pointer_or_null<S>(b.d_unprojected)),
         loop_(backward_loop<S>()),
-        recurrent_(b.w_hh.const_data_ptr<S>(), w_.output, 4 * w_.hidden, /*accumulate=*/false, schedule),
-        projection_(pointer_or_null<S>(b.w_hr), w_.hidden, w_.output, /*accumulate=*/false, schedule) {}
+        recurrent_(b.w_hh.const_data_ptr<S>(), w_.output, w_.output, 4 * w_.hidden, /*accumulate=*/false, schedule),
+        projection_(pointer_or_null<S>(b.w_hr), w_.hidden, w_.hidden, w_.output, /*accumulate=*/false, schedule) {}
 
   void run(const Step& step) override {
     const int64_t H = w_.hidden, Hout = w_.output, rows = step.rows;
@@ -345,14 +358,14 @@ class BlasBackwardStepper final : public BackwardStepper {
     const S* d_hidden = d_h_state_;
     if (project_) {
       std::memcpy(d_output_all_ + step.offset * Hout, d_h_state_, sizeof(S) * rows * Hout);
-      projection_(rows, d_h_state_, d_unprojected_);
+      projection_(rows, d_h_state_, d_unprojected_, H);
       d_hidden = d_unprojected_;
     }
     S* d_gates = d_gates_ + step.offset * 4 * H;
     const BackwardPointers<S> p{H, gates_ + step.offset * 4 * H, cells_ + step.offset * H, c_prev_ + step.offset * H,
                                 d_hidden, d_c_state_, d_gates};
     parallel_rows(p, rows, loop_);
-    recurrent_(rows, d_gates, d_h_state_);
+    recurrent_(rows, d_gates, d_h_state_, Hout);
   }
 
  private:

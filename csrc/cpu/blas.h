@@ -43,14 +43,14 @@ bool transpose(int64_t rows, int64_t cols, const T* src, T* dst);
 class PackedWeight {
  public:
   static bool available();
-  // Packs op(B) for C[m, n] = A[m, k] op(B): B stored [n, k] (transpose_b) or [k, n], row-major.
-  PackedWeight(int64_t m, int64_t n, int64_t k, const float* b, bool transpose_b);
+  // Packs B for C[m, n] = A[m, k] B[k, n], B row-major with row stride ldb.
+  PackedWeight(int64_t m, int64_t n, int64_t k, const float* b, int64_t ldb);
   ~PackedWeight();
   PackedWeight(const PackedWeight&) = delete;
   PackedWeight& operator=(const PackedWeight&) = delete;
 
-  // C[m, n] = A[m, k] op(B) + beta * C, all row-major and contiguous.
-  void gemm(const float* a, float beta, float* c) const;
+  // C[m, n] = A[m, k] B + beta * C, row-major; A contiguous, C with row stride ldc.
+  void gemm(const float* a, float beta, float* c, int64_t ldc) const;
   int64_t m() const { return m_; }
 
  private:

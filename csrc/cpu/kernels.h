@@ -35,16 +35,21 @@ struct BackwardPointers {
   scalar_t* d_gates;         // [rows, 4H] out: dL/d(pre-activations)
 };
 
-// C[rows, n] = A[rows, k] B[k, n] (+ C if accumulate), all row-major and contiguous: the per-step GEMM of a
-// small batch, where a BLAS call costs more than the arithmetic. B (the transposed recurrent weights) is read
-// once per block of rows, from cache.
+// C[rows, n] = A[rows, k] B[k, n] (+ C if accumulate): the per-step GEMM of a small batch, where a BLAS call
+// costs more than the arithmetic. B (a weight, fixed for a layer call) is packed once per call into panels of
+// kSmallGemmPanel columns, each panel's k rows contiguous and its last one zero-padded: the kernel then
+// streams B in order (rows of a plain row-major B lie kilobytes apart, which starved it, profiled) and reads
+// each panel once per block of rows.
+template <typename scalar_t>
+inline constexpr int64_t kSmallGemmPanel = 128 / sizeof(scalar_t);
+
 template <typename scalar_t>
 struct SmallGemm {
   int64_t n, k;
-  const scalar_t* a;  // [rows, k]
-  const scalar_t* b;  // [k, n], row stride ldb
+  const scalar_t* a;  // [rows, k], contiguous
+  const scalar_t* b;  // panels: [ceil(n / kSmallGemmPanel), k, kSmallGemmPanel]
   scalar_t* c;        // [rows, n], row stride ldc
-  int64_t ldb, ldc;   // >= n: a SmallGemm may cover a block of columns of larger matrices
+  int64_t ldc;
   bool accumulate;
 };
 

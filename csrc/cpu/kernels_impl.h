@@ -110,36 +110,41 @@ void backward_rows_as(const BackwardPointers<S>& p, int64_t row_begin, int64_t r
   }
 }
 
-// Rows [row, row + R) of a SmallGemm, two vectors of columns at a time: 2R accumulators stay in registers
-// while k runs, and each loaded vector of B serves all R rows.
+// Rows [row, row + R) of a SmallGemm, one panel of columns at a time: R x (panel / vector width)
+// accumulators stay in registers while k runs, and each loaded row of the panel serves all R rows.
 template <typename S, int R>
 void small_gemm_block(const SmallGemm<S>& g, int64_t row) {
   using V = at::vec::Vectorized<S>;
   constexpr int64_t W = V::size();
-  for (int64_t j = 0; j < g.n; j += 2 * W) {
-    const int64_t n0 = std::min(W, g.n - j);
-    const int64_t n1 = std::max<int64_t>(0, std::min(W, g.n - j - W));
-    V acc0[R], acc1[R];
+  constexpr int64_t P = kSmallGemmPanel<S>;
+  constexpr int NV = static_cast<int>(P / W);
+  for (int64_t j = 0; j < g.n; j += P) {
+    const S* panel = g.b + (j / P) * g.k * P;
+    V acc[R][NV];
     for (int r = 0; r < R; ++r) {
-      S* c = g.c + (row + r) * g.ldc + j;
-      acc0[r] = g.accumulate ? V::loadu(c, n0) : V(S(0));
-      acc1[r] = g.accumulate && n1 > 0 ? V::loadu(c + W, n1) : V(S(0));
+      for (int v = 0; v < NV; ++v) {
+        const int64_t count = std::min<int64_t>(W, g.n - j - v * W);
+        acc[r][v] = g.accumulate && count > 0 ? V::loadu(g.c + (row + r) * g.ldc + j + v * W, count) : V(S(0));
+      }
     }
     for (int64_t kk = 0; kk < g.k; ++kk) {
-      const S* b = g.b + kk * g.ldb + j;
-      const V b0 = n0 == W ? V::loadu(b) : V::loadu(b, n0);
-      const V b1 = n1 == W ? V::loadu(b + W) : (n1 > 0 ? V::loadu(b + W, n1) : V(S(0)));
+      V b[NV];
+      for (int v = 0; v < NV; ++v) {
+        b[v] = V::loadu(panel + kk * P + v * W);
+      }
       for (int r = 0; r < R; ++r) {
         const V a(g.a[(row + r) * g.k + kk]);
-        acc0[r] = at::vec::fmadd(a, b0, acc0[r]);
-        acc1[r] = at::vec::fmadd(a, b1, acc1[r]);
+        for (int v = 0; v < NV; ++v) {
+          acc[r][v] = at::vec::fmadd(a, b[v], acc[r][v]);
+        }
       }
     }
     for (int r = 0; r < R; ++r) {
-      S* c = g.c + (row + r) * g.ldc + j;
-      acc0[r].store(c, n0);
-      if (n1 > 0) {
-        acc1[r].store(c + W, n1);
+      for (int v = 0; v < NV; ++v) {
+        const int64_t count = std::min<int64_t>(W, g.n - j - v * W);
+        if (count > 0) {
+          acc[r][v].store(g.c + (row + r) * g.ldc + j + v * W, count);
+        }
       }
     }
   }
@@ -164,7 +169,9 @@ void backward_rows(const BackwardPointers<S>& p, int64_t row_begin, int64_t row_
 
 template <typename S>
 void small_gemm_rows(const SmallGemm<S>& g, int64_t row_begin, int64_t row_end) {
-  constexpr int kBlock = 4;
+  // Four rows at a time with two vectors a panel row (AVX-512), two with more (AVX2, baseline): at most
+  // eight accumulators, well within the vector registers.
+  constexpr int kBlock = kSmallGemmPanel<S> / at::vec::Vectorized<S>::size() <= 2 ? 4 : 2;
   int64_t row = row_begin;
   for (; row + kBlock <= row_end; row += kBlock) {
     small_gemm_block<S, kBlock>(g, row);
