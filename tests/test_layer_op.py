@@ -158,3 +158,29 @@ def test_large_batch_matches_nn_lstm(proj, reverse):
     grads = [torch.autograd.grad(sum((t * t).sum() for t in ts), [x, *params]) for ts in (expected, actual)]
     for e, a in zip([*expected, *grads[0]], [*actual, *grads[1]], strict=True):
         torch.testing.assert_close(a, e, **TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch,hidden", [(8, 64), (20, 64), (3, 200)])
+@pytest.mark.parametrize("packed", [False, True])
+def test_wide_layers_match_nn_lstm(dtype, batch, hidden, packed):
+    """Sizes that take the CPU paths where threads split the hidden units (from 2^16 multiply-adds a step),
+    with our small-batch kernel (up to 8 rows) or the BLAS on column blocks, and hidden sizes that are not a
+    multiple of the kernel's panel width."""
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(8, hidden, bidirectional=True, dtype=dtype)
+    x = torch.randn(6, batch, 8, dtype=dtype, requires_grad=True)
+    lengths = sorted(torch.randint(1, 7, (batch,)).tolist(), reverse=True)
+    lengths[0] = 6
+    seq = pack_padded_sequence(x, lengths) if packed else x
+    out, (h_n, c_n) = lstm(seq)
+    out = out.data if packed else out
+    data, batch_sizes = (seq.data, seq.batch_sizes) if packed else (x, None)
+    for d in (0, 1):
+        expected = [out[..., d * hidden : (d + 1) * hidden], h_n[d], c_n[d]]
+        zeros = torch.zeros(batch, hidden, dtype=dtype)
+        actual = lstm_layer(data, zeros, zeros, *direction_weights(lstm, bool(d)), batch_sizes=batch_sizes, reverse=bool(d))
+        params = [p for p in direction_weights(lstm, bool(d)) if p is not None]
+        grads = [torch.autograd.grad(sum((t * t).sum() for t in ts), [x, *params], retain_graph=True) for ts in (expected, actual)]
+        for e, a in zip([*expected, *grads[0]], [*actual, *grads[1]], strict=True):
+            torch.testing.assert_close(a, e, **TOLERANCE[dtype])
