@@ -164,9 +164,9 @@ def test_large_batch_matches_nn_lstm(proj, reverse):
 @pytest.mark.parametrize("batch,hidden", [(8, 64), (20, 64), (3, 200)])
 @pytest.mark.parametrize("packed", [False, True])
 def test_wide_layers_match_nn_lstm(dtype, batch, hidden, packed):
-    """Sizes that take the CPU paths where threads split the hidden units (from 2^16 multiply-adds a step),
-    with our small-batch kernel (up to 8 rows) or the BLAS on column blocks, and hidden sizes that are not a
-    multiple of the kernel's panel width."""
+    """Sizes that take the CPU path where threads split the hidden units (up to 8 rows and from 2^16
+    multiply-adds a step), the BLAS path past 8 rows, and hidden sizes that are not a multiple of the
+    small-batch kernel's panel width."""
     torch.manual_seed(0)
     lstm = torch.nn.LSTM(8, hidden, bidirectional=True, dtype=dtype)
     x = torch.randn(6, batch, 8, dtype=dtype, requires_grad=True)
