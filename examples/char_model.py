@@ -12,12 +12,12 @@ a similar amount.
 Run:  .venv/bin/python examples/char_model.py --steps 200
 """
 
-import argparse
 
 import torch
 from torch import nn
 
 import fused_lstm
+import side_by_side
 
 TEXT = """\
 Alice was beginning to get very tired of sitting by her sister on the bank, and of having nothing to do:
@@ -78,23 +78,12 @@ def train(lstm_cls, vocab_size, batches, args):
     return losses
 
 
-def print_table(ref, fused, every):
-    print(f"{'step':>6}  {'nn.LSTM':>12}  {'fused_lstm':>12}  {'|diff|':>10}")
-    for step in range(0, len(ref), every):
-        print(f"{step + 1:>6}  {ref[step]:>12.6f}  {fused[step]:>12.6f}  {abs(ref[step] - fused[step]):>10.2e}")
-    print(f"final loss: nn.LSTM {ref[-1]:.6f}, fused_lstm {fused[-1]:.6f}")
-    print(f"max |diff| over {len(ref)} steps: {max(abs(a - b) for a, b in zip(ref, fused)):.3e}")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser = side_by_side.parser(__doc__.split("\n")[0], steps=200, lr=3e-3)
     parser.add_argument("--seq-len", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--log-every", type=int, default=0, help="table row every N steps (default: steps/10)")
     args = parser.parse_args(argv)
 
     chars = sorted(set(TEXT))
@@ -104,7 +93,7 @@ def main(argv=None):
 
     ref = train(nn.LSTM, len(chars), batches, args)
     fused = train(fused_lstm.LSTM, len(chars), batches, args)
-    print_table(ref, fused, args.log_every or max(1, args.steps // 10))
+    side_by_side.print_table(ref, fused, args.log_every or max(1, args.steps // 10))
     return ref, fused
 
 

@@ -15,13 +15,13 @@ arithmetic differs in the last bit do (nn.LSTM runs oneDNN or ATen's kernels on 
 Run:  .venv/bin/python examples/padded_classifier.py --steps 150
 """
 
-import argparse
 
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_sequence
 
 import fused_lstm
+import side_by_side
 
 VOCAB = 12  # token 0 is padding
 TOKEN_PROBS = torch.tensor([0.0, 0.2, 0.2] + [0.6 / (VOCAB - 3)] * (VOCAB - 3))
@@ -71,22 +71,11 @@ def accuracy(model, data, device):
     return (model(tokens.to(device), lengths).argmax(-1).cpu() == labels).float().mean().item()
 
 
-def print_table(ref, fused, every):
-    print(f"{'step':>6}  {'nn.LSTM':>12}  {'fused_lstm':>12}  {'|diff|':>10}")
-    for step in range(0, len(ref), every):
-        print(f"{step + 1:>6}  {ref[step]:>12.6f}  {fused[step]:>12.6f}  {abs(ref[step] - fused[step]):>10.2e}")
-    print(f"final loss: nn.LSTM {ref[-1]:.6f}, fused_lstm {fused[-1]:.6f}")
-    print(f"max |diff| over {len(ref)} steps: {max(abs(a - b) for a, b in zip(ref, fused)):.3e}")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser = side_by_side.parser(__doc__.split("\n")[0], steps=150, lr=5e-3)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=5e-3)
-    parser.add_argument("--log-every", type=int, default=0, help="table row every N steps (default: steps/10)")
     args = parser.parse_args(argv)
 
     gen = torch.Generator().manual_seed(args.seed)
@@ -100,7 +89,7 @@ def main(argv=None):
     fused_model.load_state_dict(model.state_dict())  # the very same checkpoint loads into the fused model
     ref = train(model, train_data, batch_order, args)
     fused = train(fused_model, train_data, batch_order, args)
-    print_table(ref, fused, args.log_every or max(1, args.steps // 10))
+    side_by_side.print_table(ref, fused, args.log_every or max(1, args.steps // 10))
     acc_ref, acc_fused = accuracy(model, test_data, args.device), accuracy(fused_model, test_data, args.device)
     print(f"held-out accuracy: nn.LSTM {acc_ref:.1%}, fused_lstm {acc_fused:.1%}")
     return ref, fused

@@ -14,7 +14,6 @@ fused_lstm its own); a 1-ulp nudge to nn.LSTM's initial weights moves its own lo
 Run:  .venv/bin/python examples/sequence_regression.py --steps 100
 """
 
-import argparse
 import copy
 import math
 
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 import fused_lstm
+import side_by_side
 
 
 class Denoiser(nn.Module):
@@ -65,24 +65,13 @@ def train(model, batches, args):
     return losses
 
 
-def print_table(ref, fused, every):
-    print(f"{'step':>6}  {'nn.LSTM':>12}  {'fused_lstm':>12}  {'|diff|':>10}")
-    for step in range(0, len(ref), every):
-        print(f"{step + 1:>6}  {ref[step]:>12.6f}  {fused[step]:>12.6f}  {abs(ref[step] - fused[step]):>10.2e}")
-    print(f"final loss: nn.LSTM {ref[-1]:.6f}, fused_lstm {fused[-1]:.6f}")
-    print(f"max |diff| over {len(ref)} steps: {max(abs(a - b) for a, b in zip(ref, fused)):.3e}")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser = side_by_side.parser(__doc__.split("\n")[0], steps=100, lr=5e-3)
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--noise", type=float, default=0.3)
-    parser.add_argument("--lr", type=float, default=5e-3)
-    parser.add_argument("--log-every", type=int, default=0, help="table row every N steps (default: steps/10)")
     args = parser.parse_args(argv)
 
     batches = make_batches(args.steps, args.batch_size, args.seq_len, args.noise, args.seed)
@@ -93,7 +82,7 @@ def main(argv=None):
     fused_model = fused_lstm.convert(copy.deepcopy(model))  # same weights, fused_lstm.LSTM inside
     ref = train(model, batches, args)
     fused = train(fused_model, batches, args)
-    print_table(ref, fused, args.log_every or max(1, args.steps // 10))
+    side_by_side.print_table(ref, fused, args.log_every or max(1, args.steps // 10))
     return ref, fused
 
 
