@@ -24,6 +24,9 @@ class LSTM(nn.LSTM):
 
     def forward(self, input, hx=None):
         self._update_flat_weights()
+        if not isinstance(self.bidirectional, bool):  # nn.LSTM stores it unchecked; its C++ op then refuses it
+            raise TypeError(f"lstm() received an invalid combination of arguments - bidirectional must be a bool, "
+                            f"got {type(self.bidirectional).__name__}")
         if isinstance(input, PackedSequence):
             return self._forward_packed(input, hx)
         return self._forward_dense(input, hx)

@@ -156,3 +156,12 @@ def test_cell_hx_list_and_empty_batch_work_like_nn():
     for args in [(torch.randn(3, 10), [torch.randn(3, 20), torch.randn(3, 20)]), (torch.randn(0, 10),)]:
         for e, a in zip(ref(*args), ours(*args), strict=True):
             torch.testing.assert_close(a, e)
+
+
+def test_non_bool_bidirectional_fails_in_forward_like_nn():
+    """nn.LSTM's message here is the C++ argument parser's list of signatures; the type is what callers see."""
+    for cls in (nn.LSTM, fused_lstm.LSTM):
+        m = cls(3, 5, bidirectional=1)
+        assert repr(m) == "LSTM(3, 5, bidirectional=1)"
+        with pytest.raises(TypeError, match="invalid combination of arguments"):
+            m(torch.randn(4, 2, 3))
