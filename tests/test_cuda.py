@@ -119,3 +119,15 @@ def test_autocast_dtypes_match_nn_lstm():
         actual, (ah, ac) = ours(x)
     assert (actual.dtype, ah.dtype, ac.dtype) == (expected.dtype, eh.dtype, ec.dtype)
     torch.testing.assert_close(actual.float(), expected.float(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("proj,packed", [(False, False), (True, True)])
+def test_gradcheck_on_cuda(proj, packed):
+    kwargs = {k: (v.detach().cuda().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+              for k, v in gradcheck_inputs(True, proj, packed).items()}  # fmt: skip
+    names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+
+    def layer(*tensors):
+        return lstm_layer(**{**kwargs, **dict(zip(names, tensors))}, reverse=packed)
+
+    assert torch.autograd.gradcheck(layer, [kwargs[n] for n in names])
