@@ -4,7 +4,6 @@
 // for the CPU dispatch key.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <omp.h>
 #include <torch/library.h>
