@@ -12,6 +12,8 @@ and that keeps one hand-written backward.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor
 
@@ -137,10 +139,9 @@ def reference_lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None,
     The state of all B rows is carried along; step t updates its first batch_sizes[t] rows, so a packed
     sequence's final state stays in place once it ends (or, in reverse, h0 / c0 wait until it starts).
     """
-    steps, batch = x.shape[0], x.shape[1] if batch_sizes is None else None
-    sizes = [batch] * steps if batch_sizes is None else batch_sizes.tolist()
+    sizes = [x.shape[1]] * x.shape[0] if batch_sizes is None else batch_sizes.tolist()
     x_rows = x.reshape(-1, x.shape[-1])
-    offsets = [sum(sizes[:t]) for t in range(len(sizes))]
+    offsets = [0, *itertools.accumulate(sizes)][:-1]
     h, c = h0, c0
     outputs = [None] * len(sizes)
     for t in reversed(range(len(sizes))) if reverse else range(len(sizes)):
@@ -158,5 +159,5 @@ def reference_lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None,
         c = torch.cat([c_new, c[rows:]])
     output = torch.cat(outputs) if outputs else x_rows.new_empty((0, h0.shape[1]))
     if batch_sizes is None:
-        output = output.view(steps, batch, h0.shape[1])
+        output = output.view(x.shape[0], x.shape[1], h0.shape[1])
     return output, h, c
