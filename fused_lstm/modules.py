@@ -68,11 +68,14 @@ class LSTM(nn.LSTM):
 
     def _forward_packed(self, input: PackedSequence, hx):
         data, batch_sizes, sorted_indices, unsorted_indices = input
+        # Read once: under torch.compile the batch is a data-dependent (unbacked) size, and one symbol for it
+        # lets the compiler see that the zero state and the op's outputs agree.
+        batch = int(batch_sizes[0])
         if hx is None:
-            hx = self._zero_state(data, batch_sizes[0])
+            hx = self._zero_state(data, batch)
         else:
             hx = self.permute_hidden(hx, sorted_indices)
-        self._check_packed(data, batch_sizes, hx)
+        self._check_packed(data, batch, hx)
         self._check_state_and_parameters(data, hx)
         output, h_n, c_n = self._run_layers(data, batch_sizes, hx)
         packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
@@ -85,7 +88,7 @@ class LSTM(nn.LSTM):
         c = torch.zeros(layers, batch, self.hidden_size, dtype=like.dtype, device=like.device)
         return h, c
 
-    def _check_packed(self, data: Tensor, batch_sizes: Tensor, hx) -> None:
+    def _check_packed(self, data: Tensor, batch: int, hx) -> None:
         """nn.LSTM makes no Python checks on packed input; these give the errors its C++ path gives, in its
         order: projection sizes (inferred from hx[0].size(2) != hx[1].size(2)), layer count, the input GEMM,
         then the batch size."""
@@ -104,9 +107,11 @@ class LSTM(nn.LSTM):
             raise RuntimeError(
                 f"mat1 and mat2 must have the same dtype, but got {_dtype_name(data)} and {_dtype_name(w_ih)}"
             )
-        batch = int(batch_sizes[0])
         for state in (h, c):
-            if state.size(1) != batch:
+            if torch.compiler.is_compiling():
+                # The batch is data-dependent there: a graph cannot branch on it, but can assert it at run time.
+                torch._check(state.size(1) == batch)
+            elif state.size(1) != batch:
                 raise RuntimeError(
                     f"The size of tensor a ({state.size(1)}) must match the size of tensor b ({batch}) "
                     "at non-singleton dimension 0"
