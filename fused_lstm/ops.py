@@ -42,9 +42,11 @@ def lstm_layer(
     ``reverse`` runs the sequence from its last step to its first (each packed sequence from its own end).
     Returns output ([T, B, Hout] or [N, Hout]), h_n [B, Hout] and c_n [B, H].
     """
-    output, h_n, c_n, _, _ = torch.ops.fused_lstm.lstm_layer_forward(
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse
-    )
+    args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        output, h_n, c_n, _, _ = _FunctorchLayer.apply(*args)
+    else:
+        output, h_n, c_n, _, _ = torch.ops.fused_lstm.lstm_layer_forward(*args)
     return output, h_n, c_n
 
 
@@ -117,6 +119,29 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
 
 
 torch.library.register_autograd("fused_lstm::lstm_layer_forward", _backward, setup_context=_setup_context)
+
+
+class _FunctorchLayer(torch.autograd.Function):
+    """The same autograd as an autograd.Function, for torch.func transforms (grad, vjp, jacrev, vmap).
+
+    The Function that register_autograd generates has no setup_context staticmethod, and torch.func refuses
+    such Functions ("it must override the setup_context staticmethod"), so lstm_layer takes this route when a
+    transform is active. vmap runs the op once per batch entry (PyTorch's batched fallback).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*args):
+        return torch.ops.fused_lstm.lstm_layer_forward(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads)
 
 
 def _differentiable_backward(ctx, inputs, batch_sizes, grad_outputs):
