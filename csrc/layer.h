@@ -13,6 +13,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <memory>
 #include <optional>
@@ -22,6 +23,13 @@
 #include "step.h"
 
 namespace fused_lstm {
+
+// The ops compute in their inputs' dtype. Under autocast the ATen calls they make would otherwise go through
+// autocast again (it sits above the backend keys in the dispatcher) and come back in the lower precision,
+// mixing dtypes inside the layer. The module casts beforehand, where nn.LSTM's autocast would.
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
 
 // Sizes of one layer call, after validation. Hout = proj_size if projecting, else H.
 struct LayerDims {
@@ -62,6 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
     const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
     const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+  const NoAutocast no_autocast;
   const LayerDims dims = check_layer_inputs(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes);
   const auto schedule = make_schedule(dims, batch_sizes, reverse);
   const at::Tensor x_rows = x.reshape({dims.rows, dims.input});
@@ -100,6 +109,7 @@ lstm_layer_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, c
                     const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
                     const std::optional<at::Tensor>& batch_sizes, bool reverse, bool has_bias,
                     const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells) {
+  const NoAutocast no_autocast;
   const LayerDims dims =
       check_layer_inputs(x, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr, batch_sizes);
   check_backward_inputs(dims, x, grad_output, grad_h_n, grad_c_n, output, gates, cells);

@@ -184,3 +184,15 @@ def test_wide_layers_match_nn_lstm(dtype, batch, hidden, packed):
         grads = [torch.autograd.grad(sum((t * t).sum() for t in ts), [x, *params], retain_graph=True) for ts in (expected, actual)]
         for e, a in zip([*expected, *grads[0]], [*actual, *grads[1]], strict=True):
             torch.testing.assert_close(a, e, **TOLERANCE[dtype])
+
+
+def test_op_ignores_autocast():
+    """The op computes in its inputs' dtype: autocast must not reach the GEMMs it makes inside."""
+    args = gradcheck_inputs(bias=True, proj=True, packed=False)
+    args = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in args.items()}
+    expected = lstm_layer(**args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        actual = lstm_layer(**args)
+    for e, a in zip(expected, actual):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, e, atol=0, rtol=0)
