@@ -103,7 +103,7 @@ class LSTM(nn.LSTM):
                 f"mat1 and mat2 shapes cannot be multiplied ({data.size(0)}x{data.size(-1)} and "
                 f"{w_ih.size(1)}x{w_ih.size(0)})"
             )
-        if data.dtype != w_ih.dtype:
+        if data.dtype != w_ih.dtype and _autocast_dtype(data) is None:
             raise RuntimeError(
                 f"mat1 and mat2 must have the same dtype, but got {_dtype_name(data)} and {_dtype_name(w_ih)}"
             )
@@ -197,17 +197,22 @@ class LSTMCell(nn.LSTMCell):
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
         if isinstance(hx, Tensor):
             raise TypeError("lstm_cell(): argument 'hx' (position 2) must be tuple of Tensors, not Tensor")
-        self._check_cell_args(input, hx)
+        dtype = _cell_autocast_dtype(input)
+        self._check_cell_args(input, hx, check_dtypes=dtype is None)
+        weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         output, _, c_1 = lstm_layer(
-            input.unsqueeze(0), hx[0], hx[1], self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
+            _cast(input.unsqueeze(0), dtype), *(_cast(t, dtype) for t in (*hx, *weights))
         )
         h_1 = output[0]
+        if dtype is not None:  # nn.LSTMCell's cell update promotes to c_0's dtype
+            h_1, c_1 = (t.to(torch.promote_types(dtype, hx[1].dtype)) for t in (h_1, c_1))
         if not is_batched:
             return h_1.squeeze(0), c_1.squeeze(0)
         return h_1, c_1
 
-    def _check_cell_args(self, input: Tensor, hx) -> None:
-        """The checks of ATen's lstm_cell, in its order and with its messages."""
+    def _check_cell_args(self, input: Tensor, hx, check_dtypes: bool) -> None:
+        """The checks of ATen's lstm_cell, in its order and with its messages (its dtype checks only outside
+        autocast, which casts first)."""
         if len(hx) != 2:
             raise RuntimeError("lstm_cell expects two hidden states")
         w_ih, w_hh = self.weight_ih, self.weight_hh
@@ -226,6 +231,8 @@ class LSTMCell(nn.LSTMCell):
                 )
             if state.size(1) != hidden:
                 raise RuntimeError(f"hidden{idx} has inconsistent hidden_size: got {state.size(1)}, expected {hidden}")
+        if not check_dtypes:
+            return
         for mat1, mat2 in ((input, w_ih), (hx[0], w_hh)):
             if mat1.dtype != mat2.dtype:
                 raise RuntimeError(
@@ -237,15 +244,29 @@ class LSTMCell(nn.LSTMCell):
 
 def _autocast_dtype(input: Tensor) -> torch.dtype | None:
     """The dtype autocast runs nn.LSTM in on this input's device (its op is on autocast's lower-precision
-    list), or None outside autocast."""
+    list), or None outside autocast. On CUDA, nn.LSTM's cuDNN path casts to float16 whatever autocast's dtype."""
     device_type = input.device.type
-    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return None
+    if device_type == "cuda" and torch.backends.cudnn.is_acceptable(input):
+        return torch.float16
+    return torch.get_autocast_dtype(device_type)
+
+
+def _cell_autocast_dtype(input: Tensor) -> torch.dtype | None:
+    """The dtype nn.LSTMCell computes in under autocast, or None. Its op is on CUDA autocast's lower-precision
+    list. On the CPU it is not, but its GEMMs are: lower-precision input then runs in its own dtype, and
+    float32 input gets float32 results (fused_lstm computes those in float32 throughout)."""
+    if input.is_cuda and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    if input.device.type == "cpu" and torch.is_autocast_enabled("cpu") and input.dtype in (torch.float16, torch.bfloat16):
+        return input.dtype
     return None
 
 
 def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
-    return t if t is None or dtype is None else t.to(dtype)
+    """t in `dtype`, as autocast casts: float64 tensors are left alone."""
+    return t if t is None or dtype is None or t.dtype == torch.float64 else t.to(dtype)
 
 
 def _dtype_name(t: Tensor) -> str:

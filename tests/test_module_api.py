@@ -237,3 +237,38 @@ def test_cpu_autocast_dtypes_match_nn_lstm(input_dtype):
     torch.testing.assert_close(actual.float(), expected.float(), atol=2e-2, rtol=2e-2)
     actual.float().sum().backward()
     assert ours.weight_ih_l0.grad.dtype == torch.float32
+
+
+def test_cpu_autocast_leaves_float64_alone():
+    ref, ours = pair(dtype=torch.float64)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, actual = ref(x), ours(x)
+    for e, a in zip([expected[0], *expected[1]], [actual[0], *actual[1]]):
+        assert a.dtype == e.dtype == torch.float64
+        torch.testing.assert_close(a, e, **TOLERANCE[torch.float64])
+
+
+def test_cpu_autocast_packed_lower_precision_input():
+    """An earlier layer under autocast hands over bfloat16 data to a float32 LSTM."""
+    ref, ours = pair(proj_size=0)
+    packed = nn.utils.rnn.pack_sequence([torch.randn(n, 3, dtype=torch.bfloat16) for n in (4, 2, 1)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, (eh, ec) = ref(packed)
+        actual, (ah, ac) = ours(packed)
+    assert (actual.data.dtype, ah.dtype, ac.dtype) == (expected.data.dtype, eh.dtype, ec.dtype)
+    torch.testing.assert_close(actual.data.float(), expected.data.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+def test_cpu_autocast_lstm_cell_dtypes_match_nn_lstm_cell(input_dtype):
+    torch.manual_seed(0)
+    ref = nn.LSTMCell(3, 5)
+    ours = fused_lstm.LSTMCell(3, 5)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, dtype=input_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, actual = ref(x), ours(x)
+    for e, a in zip(expected, actual):
+        assert a.dtype == e.dtype == input_dtype
+        torch.testing.assert_close(a.float(), e.float(), atol=2e-2, rtol=2e-2)
