@@ -16,8 +16,10 @@ backward of the sum of the outputs). Candidates, run in the same process with th
   * nn.LSTM's fallback path (CPU: oneDNN disabled via torch.backends.mkldnn.flags; CUDA: cuDNN disabled);
   * one torch.mm with the same FLOPs as the LSTM (2*rows*4H*(I_layer + H) per layer and direction, 3x that for
     training): the "one-GEMM limit"; GEMM% = gemm time / candidate time.
-nn.LSTM takes its native path for PackedSequence input whatever the flags, so both nn.LSTM columns of the
-packed row run the native path.
+On the CPU, nn.LSTM takes its native path for PackedSequence input whatever the flags, so both nn.LSTM columns
+of the packed row run the native path there (on CUDA, cuDNN takes packed input).
+On CUDA, float32 runs in full float32 everywhere unless --tf32 on (cuDNN's RNN would otherwise use TF32 on
+Ampere and newer by default while the fused op's and the GEMM's cuBLAS calls do not: not like for like).
 
 Timing: each candidate warms up (--warmup seconds, at least --warmup-calls calls), then every repetition runs
 the candidates in turn (A B C D A B C D ...); each timed block repeats a call enough times to last --min-block
@@ -317,6 +319,7 @@ def header(device: torch.device) -> dict[str, str]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda / cudnn"] = f"{torch.version.cuda} / {torch.backends.cudnn.version()}"
+        info["tf32 (cudnn / cublas)"] = f"{torch.backends.cudnn.allow_tf32} / {torch.backends.cuda.matmul.allow_tf32}"
     return info
 
 
@@ -406,6 +409,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=1, help="layers for --shapes (default 1)")
     p.add_argument("--bidirectional", action="store_true", help="bidirectional LSTM for --shapes")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--tf32", choices=["on", "off"], default="off", help="CUDA: TF32 for cuDNN and cuBLAS (default off)")
     p.add_argument("--quick", action="store_true", help="few, short repetitions: a smoke test, not a measurement")
     p.add_argument("--reps", type=int, help="fixed number of repetitions (default: adapt to --budget)")
     p.add_argument("--budget", type=float, default=12.0, help="seconds of timing per shape and mode (default 12)")
@@ -428,8 +432,11 @@ def main(argv=None) -> int:
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         sys.exit("compare.py: --plot needs matplotlib, which is not installed (pip install matplotlib)")
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("compare.py: --device cuda asked for, but torch sees no CUDA device")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("compare.py: --device cuda asked for, but torch sees no CUDA device")
+        torch.cuda.set_device(device)  # the events and synchronisations below use the current device
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
     cases = parse_shapes(args.shapes, args.layers, args.bidirectional) if args.shapes else default_suite()
     command = " ".join(["benchmarks/compare.py", *(argv if argv is not None else sys.argv[1:])])
 
