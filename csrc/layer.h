@@ -63,7 +63,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
     const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& batch_sizes, bool reverse) {
   const LayerDims dims = check_layer_inputs(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes);
-  const auto schedule = make_schedule(dims, batch_sizes, reverse);
   const at::Tensor x_rows = x.reshape({dims.rows, dims.input});
   const bool project = w_hr.has_value();
 
@@ -79,6 +78,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   b.c_state = c0.clone(at::MemoryFormat::Contiguous);
   b.unprojected = project ? at::empty({dims.batch, dims.hidden}, x.options()) : at::Tensor();
 
+  // After the buffers, so that sizes too large for memory fail in at::empty, with its message.
+  const auto schedule = make_schedule(dims, batch_sizes, reverse);
   const std::unique_ptr<ForwardStepper> stepper = Backend::make_forward_stepper(b, schedule);
   for (const Step& step : schedule) {
     stepper->run(step);
