@@ -109,6 +109,9 @@ LayerDims check_layer_inputs(const at::Tensor& x, const at::Tensor& h0, const at
               "fused_lstm: w_ih must have 4 * hidden_size rows with hidden_size > 0, got ", w_ih.size(0));
   dims.hidden = w_ih.size(0) / 4;
   dims.input = x.size(-1);
+  // A projection to size 0 would leave the BLAS leading dimensions of 0, which it refuses (with a message).
+  TORCH_CHECK(!w_hr.has_value() || w_hr->size(0) > 0, "fused_lstm: w_hr must have rows (proj_size > 0), got ",
+              shape_string(w_hr->sizes()));
   dims.output = w_hr.has_value() ? w_hr->size(0) : dims.hidden;
   // A zero-size x of any shape exists without memory, so T * B can overflow even though x exists.
   dims.rows = packed ? x.size(0) : checked_elements(x.size(0), x.size(1), "x's [T * B, I] rows");

@@ -91,6 +91,7 @@ def _check_layer_inputs(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes):
     gates = w_ih.shape[0]
     torch._check(gates > 0 and gates % 4 == 0, lambda: f"fused_lstm: w_ih must have 4 * hidden_size rows with hidden_size > 0, got {gates}")
     hidden = gates // 4
+    torch._check(w_hr is None or w_hr.shape[0] > 0, lambda: f"fused_lstm: w_hr must have rows (proj_size > 0), got {list(w_hr.shape)}")
     out_size = w_hr.shape[0] if w_hr is not None else hidden
     rows = x.shape[0] if packed else x.shape[0] * x.shape[1]
     if packed:

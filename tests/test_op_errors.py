@@ -49,6 +49,7 @@ BAD_FORWARD = {
     # Four times 2^62 wraps around int64 to 0, the row count of this x: only an overflow check catches it
     # (2^62 + 2^62 is already past int64 at step 1).
     "batch_sizes sum overflow": (dict(x=torch.randn(0, I), batch_sizes=torch.tensor([2**62] * 4)), "batch_sizes sum past int64 at step 1"),
+    "w_hr of no rows": (dict(w_hr=torch.randn(0, H), w_hh=torch.randn(4 * H, 0), h0=torch.randn(B, 0)), "w_hr must have rows (proj_size > 0), got [0, 5]"),
     "w_hr rank 0": (dict(w_hr=torch.tensor(1.0)), "expected w_hr to be 2-D, got 0-D"),
     "b_ih rank": (dict(b_ih=torch.randn(1, 4 * H), b_hh=torch.randn(1, 4 * H)), "expected b_ih to be 1-D, got 2-D"),
     "hidden size 0": (dict(w_ih=torch.randn(0, I), w_hh=torch.randn(0, 0), h0=torch.randn(B, 0), c0=torch.randn(B, 0), b_ih=None, b_hh=None), "with hidden_size > 0, got 0"),
