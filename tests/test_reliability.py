@@ -70,6 +70,34 @@ def test_nan_and_inf_propagate_as_in_nn_lstm(dtype, place, poison):
         torch.testing.assert_close(a, e, equal_nan=True, **TOLERANCE[dtype], msg=lambda m: f"result {i}: {m}")
 
 
+# Every build of the CPU loops (test_build.py runs each by ATEN_CPU_CAPABILITY): a float32 NaN in one row of x
+# makes that row's every later output NaN and leaves the other rows finite; H = 20 also takes partial vectors.
+NAN_SCRIPT = """
+import torch, fused_lstm
+from fused_lstm.ops import lstm_layer
+torch.manual_seed(0)
+x = torch.randn(4, 3, 5)
+x[1, 1, 2] = float("nan")
+out, h_n, c_n = lstm_layer(x, torch.zeros(3, 20), torch.zeros(3, 20), torch.randn(80, 5), torch.randn(80, 20))
+assert out[1:, 1].isnan().all() and h_n[1].isnan().all() and c_n[1].isnan().all(), "NaN lost"
+assert out[:1].isfinite().all() and out[:, [0, 2]].isfinite().all(), "NaN where there should be none"
+print(torch.ops.fused_lstm.cpu_capability())
+"""
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+def test_nan_propagates_in_every_cpu_build(capability):
+    from test_build import hardware_capabilities
+
+    if capability not in hardware_capabilities():
+        pytest.skip(f"this CPU (or ATEN_CPU_CAPABILITY) does not allow {capability}")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability,
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))  # fmt: skip
+    run = subprocess.run([sys.executable, "-c", NAN_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split()[0] == capability
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Determinism
 
