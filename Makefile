@@ -47,14 +47,17 @@ bench: build
 SANITIZE_DIR := build-sanitize
 SANITIZE_TESTS ?= tests/test_layer_op.py tests/test_op_errors.py tests/test_fuzz.py
 SANITIZE_PRELOAD = $(shell $(CXX) -print-file-name=libasan.so) $(shell $(CXX) -print-file-name=libstdc++.so)
+# python -P: without it `-m` puts the working directory first on sys.path, and the tests would import the
+# normal build in ./fused_lstm instead of the sanitized one (the first command checks which one loads).
+SANITIZE_ENV = LD_PRELOAD="$(SANITIZE_PRELOAD)" ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1 \
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 PYTHONPATH=$(abspath $(SANITIZE_DIR)):$(abspath tests)
 
 sanitize: $(REQUIREMENTS_STAMP)
 	rm -rf $(SANITIZE_DIR) && mkdir -p $(SANITIZE_DIR)
 	cp -r csrc fused_lstm setup.py pyproject.toml $(SANITIZE_DIR)/ && rm -f $(SANITIZE_DIR)/fused_lstm/*.so
 	cd $(SANITIZE_DIR) && FUSED_LSTM_SANITIZE=1 FUSED_LSTM_SKIP_CUDA=1 $(abspath $(PYTHON)) setup.py --quiet build_ext --inplace
-	LD_PRELOAD="$(SANITIZE_PRELOAD)" ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1 \
-	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 PYTHONPATH=$(SANITIZE_DIR):tests \
-	$(PYTHON) -m pytest -p no:cacheprovider $(PYTEST_ARGS) $(SANITIZE_TESTS)
+	$(SANITIZE_ENV) $(PYTHON) -P -c "import fused_lstm._C as c; assert '/$(SANITIZE_DIR)/' in c.__file__, c.__file__"
+	$(SANITIZE_ENV) $(PYTHON) -P -m pytest -p no:cacheprovider $(PYTEST_ARGS) $(SANITIZE_TESTS)
 
 clean:
 	rm -rf build *.egg-info fused_lstm/*.so $(SANITIZE_DIR)

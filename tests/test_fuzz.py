@@ -18,7 +18,8 @@ CASES = {"forward": 1200, "backward": 800, "lstm": 600, "cell": 500}
 
 
 def run_child(target: str, seed: int, count: int, *extra: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE, os.environ.get("PYTHONPATH", "")]))
+    # The caller's PYTHONPATH first: `make sanitize` points it at the sanitizer build, which the child must load.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.environ.get("PYTHONPATH", ""), os.path.dirname(HERE), HERE]))
     return subprocess.run([sys.executable, CHILD, target, str(seed), str(count), *extra], env=env, capture_output=True,
                           text=True, timeout=300)  # fmt: skip
 

@@ -92,7 +92,7 @@ def test_nan_propagates_in_every_cpu_build(capability):
     if capability not in hardware_capabilities():
         pytest.skip(f"this CPU (or ATEN_CPU_CAPABILITY) does not allow {capability}")
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability,
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))  # fmt: skip
+               PYTHONPATH=os.pathsep.join([os.environ.get("PYTHONPATH", ""), str(ROOT)]))  # fmt: skip
     run = subprocess.run([sys.executable, "-c", NAN_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split()[0] == capability
@@ -253,7 +253,7 @@ RSS_BOUND = 16 << 20
 
 
 def rss_growth(mode):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.environ.get("PYTHONPATH", ""), str(ROOT)]))
     run = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, mode], env=env, capture_output=True, text=True,
                          timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stderr
