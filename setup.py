@@ -7,6 +7,8 @@ Environment:
                            machine /usr/local/bin/nvcc is a wrapper, so torch's own guess, /usr/local, is wrong).
   TORCH_CUDA_ARCH_LIST     GPU architectures; default "7.5;8.0;9.0+PTX" (Turing, Ampere, Hopper, and PTX
                            that newer GPUs compile at load time). Each architecture adds compile time.
+  FUSED_LSTM_SANITIZE=1    compile the C++ with AddressSanitizer and UndefinedBehaviorSanitizer (`make sanitize`
+                           builds a copy so, CPU only, and runs the op tests under it with libasan preloaded).
 """
 
 import glob
@@ -58,6 +60,12 @@ CSRC = "csrc"
 # The CPU loops built for one instruction set each (csrc/cpu/kernels.h). They need their own compiler flags,
 # so they are static libraries (setuptools' build_clib takes per-library flags) that the extension links;
 # the baseline build, kernels_default.cpp, is an ordinary source of the extension.
+# -O1 and frame pointers give the sanitizers' reports usable stacks; UB stops the process instead of printing.
+SANITIZE_FLAGS = (
+    ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g", "-O1"]
+    if os.environ.get("FUSED_LSTM_SANITIZE", "0") not in ("", "0")
+    else []
+)
 CPU_CAPABILITY_FLAGS = {
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "avx512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mavx2", "-mfma", "-mf16c"],
@@ -68,7 +76,7 @@ cpu_capability_libraries = [
         {
             "sources": [os.path.join(CSRC, "cpu", f"kernels_{name}.cpp")],
             "include_dirs": include_paths(),
-            "cflags": ["-O3", "-std=c++20", "-fPIC", *flags],
+            "cflags": ["-O3", "-std=c++20", "-fPIC", *flags, *SANITIZE_FLAGS],
         },
     )
     for name, flags in CPU_CAPABILITY_FLAGS.items()
@@ -78,8 +86,8 @@ cpp_sources = [os.path.join(CSRC, "layer.cpp")] + sorted(
     src for src in glob.glob(os.path.join(CSRC, "cpu", "*.cpp")) if src not in capability_sources
 )
 # -fopenmp: at::parallel_for is an inline template whose `#pragma omp parallel` is silently serial without it.
-cxx_flags = ["-O3", "-fopenmp", "-DTORCH_ASSERT_ONLY_METHOD_OPERATORS"]
-link_flags = ["-fopenmp"]
+cxx_flags = ["-O3", "-fopenmp", "-DTORCH_ASSERT_ONLY_METHOD_OPERATORS", *SANITIZE_FLAGS]
+link_flags = ["-fopenmp", *SANITIZE_FLAGS[:1]]
 
 if BUILD_CUDA:
     extension = CUDAExtension(

@@ -6,6 +6,8 @@
 
 #include <ATen/ops/empty_like.h>
 
+#include <c10/util/safe_numerics.h>
+
 #include <algorithm>
 #include <sstream>
 
@@ -35,8 +37,10 @@ void check_rank(const at::Tensor& t, const char* name, int64_t rank) {
   TORCH_CHECK(t.dim() == rank, "fused_lstm: expected ", name, " to be ", rank, "-D, got ", t.dim(), "-D");
 }
 
-// Validates batch_sizes (a PackedSequence's) against the packed row count, and returns it as a vector.
+// Validates batch_sizes (a PackedSequence's) against the packed row count, and returns it as a vector. The
+// sum is checked for overflow: sizes that wrap around int64 could otherwise add up to any row count.
 std::vector<int64_t> checked_batch_sizes(const at::Tensor& batch_sizes, int64_t rows) {
+  TORCH_CHECK(batch_sizes.defined(), "fused_lstm: batch_sizes is an undefined tensor");
   TORCH_CHECK(batch_sizes.device().is_cpu(), "fused_lstm: batch_sizes must be on the CPU, got ",
               batch_sizes.device());
   TORCH_CHECK(batch_sizes.scalar_type() == at::kLong, "fused_lstm: batch_sizes must be int64, got ",
@@ -50,10 +54,18 @@ std::vector<int64_t> checked_batch_sizes(const at::Tensor& batch_sizes, int64_t 
     TORCH_CHECK(out[t] > 0, "fused_lstm: batch_sizes must be positive, got ", out[t], " at step ", t);
     TORCH_CHECK(t == 0 || out[t] <= out[t - 1], "fused_lstm: batch_sizes must be non-increasing, got ",
                 out[t - 1], " then ", out[t], " at step ", t);
-    total += out[t];
+    TORCH_CHECK(!c10::add_overflows(total, out[t], &total), "fused_lstm: batch_sizes sum past int64 at step ", t);
   }
   TORCH_CHECK(total == rows, "fused_lstm: batch_sizes sum to ", total, " but x has ", rows, " rows");
   return out;
+}
+
+// rows * columns, or an error naming the buffer if that many elements do not fit in int64.
+int64_t checked_elements(int64_t rows, int64_t columns, const char* buffer) {
+  int64_t elements = 0;
+  TORCH_CHECK(!c10::mul_overflows(rows, columns, &elements), "fused_lstm: ", buffer, " would have ", rows,
+              " x ", columns, " elements, more than int64 can count");
+  return elements;
 }
 
 }  // namespace
@@ -80,17 +92,31 @@ LayerDims check_layer_inputs(const at::Tensor& x, const at::Tensor& h0, const at
     }
   }
   TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "fused_lstm: give both b_ih and b_hh, or neither");
+  // Every rank before any size is read: size(0) of a 0-D tensor would throw an IndexError instead.
   for (auto [t, name] : {std::pair{&h0, "h0"}, {&c0, "c0"}, {&w_ih, "w_ih"}, {&w_hh, "w_hh"}}) {
     check_rank(*t, name, 2);
   }
+  for (auto [t, name, rank] : {std::tuple{&b_ih, "b_ih", 1}, {&b_hh, "b_hh", 1}, {&w_hr, "w_hr", 2}}) {
+    if (t->has_value()) {
+      check_rank(**t, name, rank);
+    }
+  }
 
   LayerDims dims;
-  TORCH_CHECK(w_ih.size(0) % 4 == 0, "fused_lstm: w_ih must have 4 * hidden_size rows, got ", w_ih.size(0));
+  // Hidden size 0 is refused as nn.LSTM refuses it: a layer with no units has nothing to compute, yet
+  // would still run (and schedule) every step of a sequence that costs no memory at all.
+  TORCH_CHECK(w_ih.size(0) > 0 && w_ih.size(0) % 4 == 0,
+              "fused_lstm: w_ih must have 4 * hidden_size rows with hidden_size > 0, got ", w_ih.size(0));
   dims.hidden = w_ih.size(0) / 4;
   dims.input = x.size(-1);
+  // A projection to size 0 would leave the BLAS leading dimensions of 0, which it refuses (with a message).
+  TORCH_CHECK(!w_hr.has_value() || w_hr->size(0) > 0, "fused_lstm: w_hr must have rows (proj_size > 0), got ",
+              shape_string(w_hr->sizes()));
   dims.output = w_hr.has_value() ? w_hr->size(0) : dims.hidden;
-  dims.rows = packed ? x.size(0) : x.size(0) * x.size(1);
+  // A zero-size x of any shape exists without memory, so T * B can overflow even though x exists.
+  dims.rows = packed ? x.size(0) : checked_elements(x.size(0), x.size(1), "x's [T * B, I] rows");
   if (packed) {
+    // With an empty batch_sizes (no steps) the batch is h0's, as for a dense sequence of no steps.
     const auto sizes = checked_batch_sizes(*batch_sizes, dims.rows);
     dims.steps = static_cast<int64_t>(sizes.size());
     dims.batch = sizes.empty() ? h0.size(0) : sizes[0];
@@ -110,6 +136,9 @@ LayerDims check_layer_inputs(const at::Tensor& x, const at::Tensor& h0, const at
   }
   check_shape(h0, "h0", {dims.batch, dims.output});
   check_shape(c0, "c0", {dims.batch, dims.hidden});
+  // The buffers a call allocates, [N, 4H] the largest, must be countable before at::empty sees them.
+  checked_elements(dims.rows, gates, "the gates buffer [N, 4H]");
+  checked_elements(dims.rows, dims.output, "the output [N, Hout]");
   return dims;
 }
 
@@ -132,6 +161,10 @@ void check_backward_inputs(const LayerDims& dims, const at::Tensor& x, const at:
 
 std::vector<Step> make_schedule(const LayerDims& dims, const std::optional<at::Tensor>& batch_sizes,
                                 bool reverse) {
+  if (dims.rows == 0) {
+    // Nothing to compute (no steps, or a batch of 0), and T may be as large as int64 for a [T, 0, I] x.
+    return {};
+  }
   const std::vector<int64_t> sizes = batch_sizes.has_value()
                                          ? checked_batch_sizes(*batch_sizes, dims.rows)
                                          : std::vector<int64_t>(dims.steps, dims.batch);

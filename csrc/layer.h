@@ -2,7 +2,7 @@
 // whole-sequence GEMMs (the input projection before the loop, the weight gradients after it; through ATen, so
 // they run on the inputs' device) and what forward saves for backward. Each step goes to a backend's stepper
 // (step.h): `Backend` has static make_forward_stepper(ForwardBuffers, schedule) and
-// make_backward_stepper(BackwardBuffers, schedule).
+// make_backward_stepper(BackwardBuffers, schedule), and the input projection, input_gates (as aten_input_gates).
 //
 // Sequences are handled in packed form: x is [N, I] with a batch size per step (a PackedSequence's
 // batch_sizes, non-increasing), and step t owns rows [offset_t, offset_t + batch_sizes[t]). A dense [T, B, I]
@@ -61,6 +61,13 @@ at::Tensor previous_states(const at::Tensor& seq, const at::Tensor& init, const 
 // gates: [N, 4H] activated; cells: [N, H] -> h before projection, o * tanh(c): [N, H].
 at::Tensor unprojected_hidden(const at::Tensor& gates, const at::Tensor& cells);
 
+// The input projection through ATen: x_rows [N, I], w_ih [4H, I], b_ih and b_hh [4H] (both or neither)
+// -> x W_ih^T + b_ih + b_hh: [N, 4H]. A backend's input_gates may call it, or compute the same otherwise.
+inline at::Tensor aten_input_gates(const at::Tensor& x_rows, const at::Tensor& w_ih,
+                                   const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+  return b_ih.has_value() ? b_ih->add(*b_hh).addmm(x_rows, w_ih.t()) : x_rows.mm(w_ih.t());
+}
+
 // x: [T, B, I] (batch_sizes empty) or [N, I] (packed); h0: [B, Hout]; c0: [B, H]; w_ih: [4H, I];
 // w_hh: [4H, Hout]; b_ih, b_hh: [4H]; w_hr: [Hout, H]; batch_sizes: [T] int64 on the CPU.
 // Returns output [T, B, Hout] or [N, Hout], h_n [B, Hout], c_n [B, H], and for backward the activated
@@ -72,7 +79,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
     const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& batch_sizes, bool reverse) {
   const NoAutocast no_autocast;
   const LayerDims dims = check_layer_inputs(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes);
-  const auto schedule = make_schedule(dims, batch_sizes, reverse);
   const at::Tensor x_rows = x.reshape({dims.rows, dims.input});
   const bool project = w_hr.has_value();
 
@@ -80,14 +86,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   b.w_hh = w_hh.contiguous();
   b.w_hr = project ? w_hr->contiguous() : at::Tensor();
   // The input projection of every step in one GEMM; the steps then add h_{t-1} W_hh^T in place.
-  b.gates = (b_ih.has_value() && b_hh.has_value()) ? b_ih->add(*b_hh).addmm(x_rows, w_ih.t())
-                                                   : x_rows.mm(w_ih.t());
+  b.gates = Backend::input_gates(x_rows, w_ih, b_ih, b_hh);
   b.cells = at::empty({dims.rows, dims.hidden}, x.options());
   b.output = at::empty({dims.rows, dims.output}, x.options());
   b.h_state = h0.clone(at::MemoryFormat::Contiguous);
   b.c_state = c0.clone(at::MemoryFormat::Contiguous);
   b.unprojected = project ? at::empty({dims.batch, dims.hidden}, x.options()) : at::Tensor();
 
+  // After the buffers, so that sizes too large for memory fail in at::empty, with its message.
+  const auto schedule = make_schedule(dims, batch_sizes, reverse);
   const std::unique_ptr<ForwardStepper> stepper = Backend::make_forward_stepper(b, schedule);
   for (const Step& step : schedule) {
     stepper->run(step);

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .ops import lstm_layer
+from .ops import _aten_name, lstm_layer
 
 __all__ = ["LSTM", "LSTMCell", "convert"]
 
@@ -270,10 +270,8 @@ def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
 
 
 def _dtype_name(t: Tensor) -> str:
-    """ATen's name for a dtype, as its matmul errors print it (Float, Double, Half, BFloat16)."""
-    return {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16"}.get(
-        t.dtype, str(t.dtype)
-    )
+    """ATen's name for a dtype, as its matmul errors print it (Float, Double, Half, Long, ComplexFloat)."""
+    return _aten_name(t.dtype)
 
 
 def convert(module: nn.Module) -> nn.Module:

@@ -12,10 +12,12 @@ and that keeps one hand-written backward.
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from . import _C  # noqa: F401  (loading the library registers the ops)
 
@@ -52,12 +54,9 @@ def lstm_layer(
 
 @torch.library.register_fake("fused_lstm::lstm_layer_forward")
 def _forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
-    # Meta tensors run this kernel for real, so it repeats the C++ checks that decide dtypes and devices.
-    torch._check(x.dim() == (2 if batch_sizes is not None else 3), lambda: f"fused_lstm: x has rank {x.dim()}")
-    _check_like_x(x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr)
-    hidden = w_ih.shape[0] // 4
-    out_size = w_hr.shape[0] if w_hr is not None else hidden
-    rows = x.shape[0] if batch_sizes is not None else x.shape[0] * x.shape[1]
+    # Meta tensors run this kernel for real (a meta argument among CPU ones routes the whole call here), so it
+    # makes the C++ checks (csrc/layer.cpp check_layer_inputs) that do not need tensor values.
+    rows, hidden, out_size = _check_layer_inputs(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes)
     return (
         x.new_empty((*x.shape[:-1], out_size)),
         h0.new_empty(h0.shape),
@@ -67,11 +66,76 @@ def _forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
     )
 
 
+_FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_INT64_MAX = 2**63 - 1
+
+
+@functools.cache
+def _aten_name(dtype: torch.dtype) -> str:
+    """The name C++ messages print for a dtype (Float, Double, Long, ComplexFloat), from the legacy type string
+    'torch.FloatTensor'; str(dtype) where there is none."""
+    try:
+        return torch.empty(0, dtype=dtype).type().removeprefix("torch.").removesuffix("Tensor")
+    except (RuntimeError, TypeError):
+        return str(dtype)
+
+
+def _check_layer_inputs(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes):
+    """The C++ argument checks with their messages, on shapes, dtypes and devices alone; returns N, H, Hout."""
+    packed = batch_sizes is not None
+    torch._check(x.dim() == (2 if packed else 3), lambda: f"fused_lstm: x must be {'[N, I]' if packed else '[T, B, I]'}, got a {x.dim()}-D tensor")
+    torch._check(x.dtype in _FLOATING, lambda: f"fused_lstm: x must be float32, float64, float16 or bfloat16, got {_aten_name(x.dtype)}")
+    _check_like_x(x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr)
+    torch._check((b_ih is None) == (b_hh is None), lambda: "fused_lstm: give both b_ih and b_hh, or neither")
+    for name, t, rank in (("h0", h0, 2), ("c0", c0, 2), ("w_ih", w_ih, 2), ("w_hh", w_hh, 2), ("b_ih", b_ih, 1),
+                          ("b_hh", b_hh, 1), ("w_hr", w_hr, 2)):  # fmt: skip
+        torch._check(t is None or t.dim() == rank, lambda: f"fused_lstm: expected {name} to be {rank}-D, got {t.dim()}-D")
+    gates = w_ih.shape[0]
+    torch._check(gates > 0 and gates % 4 == 0, lambda: f"fused_lstm: w_ih must have 4 * hidden_size rows with hidden_size > 0, got {gates}")
+    hidden = gates // 4
+    torch._check(w_hr is None or w_hr.shape[0] > 0, lambda: f"fused_lstm: w_hr must have rows (proj_size > 0), got {list(w_hr.shape)}")
+    out_size = w_hr.shape[0] if w_hr is not None else hidden
+    rows = x.shape[0] if packed else x.shape[0] * x.shape[1]
+    if packed:
+        torch._check(batch_sizes.device.type == "cpu", lambda: f"fused_lstm: batch_sizes must be on the CPU, got {batch_sizes.device}")
+        torch._check(batch_sizes.dtype == torch.int64, lambda: f"fused_lstm: batch_sizes must be int64, got {_aten_name(batch_sizes.dtype)}")
+        torch._check(batch_sizes.dim() == 1, lambda: f"fused_lstm: expected batch_sizes to be 1-D, got {batch_sizes.dim()}-D")
+    batch = x.shape[1] if not packed else _checked_packed_batch(batch_sizes, rows, h0.shape[0])
+    expected = [("w_ih", w_ih, (gates, x.shape[-1])), ("w_hr", w_hr, (out_size, hidden)), ("w_hh", w_hh, (gates, out_size)),
+                ("b_ih", b_ih, (gates,)), ("b_hh", b_hh, (gates,)), ("h0", h0, (batch, out_size)), ("c0", c0, (batch, hidden))]  # fmt: skip
+    _check_shapes(expected)
+    for buffer, columns in (("the gates buffer [N, 4H]", gates), ("the output [N, Hout]", out_size)):
+        torch._check(rows * columns <= _INT64_MAX, lambda: f"fused_lstm: {buffer} would have {rows} x {columns} elements, more than int64 can count")
+    return rows, hidden, out_size
+
+
+def _checked_packed_batch(batch_sizes, rows, h0_rows):
+    """The batch of a packed call: batch_sizes[0], validated as C++ does, where batch_sizes has values (a real
+    CPU tensor beside meta ones); h0's rows under a fake mode, which has none (the real kernel checks them)."""
+    if is_fake(batch_sizes):
+        return h0_rows
+    sizes = batch_sizes.tolist()
+    total = 0
+    for t, size in enumerate(sizes):
+        torch._check(size > 0, lambda: f"fused_lstm: batch_sizes must be positive, got {size} at step {t}")
+        torch._check(t == 0 or size <= sizes[t - 1], lambda: f"fused_lstm: batch_sizes must be non-increasing, got {sizes[t - 1]} then {size} at step {t}")
+        total += size
+        torch._check(total <= _INT64_MAX, lambda: f"fused_lstm: batch_sizes sum past int64 at step {t}")
+    torch._check(total == rows, lambda: f"fused_lstm: batch_sizes sum to {total} but x has {rows} rows")
+    return sizes[0] if sizes else h0_rows
+
+
+def _check_shapes(expected):
+    """expected: (name, tensor or None, shape) triples."""
+    for name, t, shape in expected:
+        torch._check(t is None or tuple(t.shape) == shape, lambda: f"fused_lstm: expected {name} of shape {list(shape)}, got {list(t.shape)}")
+
+
 def _check_like_x(x, **tensors):
     for name, t in tensors.items():
         if t is None:
             continue
-        torch._check(t.dtype == x.dtype, lambda: f"fused_lstm: {name} has dtype {t.dtype} but x has dtype {x.dtype}")
+        torch._check(t.dtype == x.dtype, lambda: f"fused_lstm: {name} has dtype {_aten_name(t.dtype)} but x has dtype {_aten_name(x.dtype)}")
         torch._check(t.device == x.device, lambda: f"fused_lstm: {name} is on device {t.device} but x is on device {x.device}")
 
 
@@ -79,8 +143,14 @@ def _check_like_x(x, **tensors):
 def _backward_fake(
     grad_output, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, reverse, has_bias, output, gates, cells
 ):
-    _check_like_x(x, grad_output=grad_output, grad_h_n=grad_h_n, grad_c_n=grad_c_n, h0=h0, c0=c0, w_ih=w_ih,
-                  w_hh=w_hh, w_hr=w_hr, output=output, gates=gates, cells=cells)  # fmt: skip
+    _check_like_x(x, grad_output=grad_output, grad_h_n=grad_h_n, grad_c_n=grad_c_n, output=output, gates=gates,
+                  cells=cells)  # fmt: skip
+    rows, hidden, out_size = _check_layer_inputs(x, h0, c0, w_ih, w_hh, None, None, w_hr, batch_sizes)
+    batch = h0.shape[0]
+    expected = [("output", output, (*x.shape[:-1], out_size)), ("grad_output", grad_output, (*x.shape[:-1], out_size)),
+                ("grad_h_n", grad_h_n, (batch, out_size)), ("grad_c_n", grad_c_n, (batch, hidden)),
+                ("gates", gates, (rows, 4 * hidden)), ("cells", cells, (rows, hidden))]  # fmt: skip
+    _check_shapes(expected)
     return (
         x.new_empty(x.shape),
         h0.new_empty(h0.shape),

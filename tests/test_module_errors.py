@@ -142,6 +142,9 @@ CELL_CASES = {
     "one hidden state": (torch.randn(3, 10), (torch.randn(3, 20),)),
     "float64 input": (torch.randn(3, 10, dtype=torch.float64),),
     "float64 hx": (torch.randn(3, 10), (torch.randn(3, 20, dtype=torch.float64), torch.randn(3, 20))),
+    # ATen names every dtype in this message (Long, Int, ComplexFloat), not only the floating ones.
+    "int64 input": (torch.ones(3, 10, dtype=torch.long),),
+    "complex input": (torch.randn(3, 10, dtype=torch.complex64),),
 }
 
 

@@ -5,6 +5,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <omp.h>
 #include <torch/library.h>
 
@@ -152,6 +153,57 @@ int64_t uniform_rows(const std::vector<Step>& schedule) {
   return uniform ? rows : 0;
 }
 
+// GEMMs whose results do not depend on the number of threads. MKL's own threading splits the sum over k
+// when m and n are small against k (measured: outputs differed in the last bits between 1 and 2 threads, e.g.
+// a [12, 1024] x [1024, 4096] step, or a [15, 300] x [300, 160] input projection). So we split C into tiles of
+// a size fixed by the shape alone, each computed by one single-threaded BLAS call, and spread the tiles over
+// threads: every element is then the same sum in the same order however many threads run.
+constexpr int64_t kTileRows = 256;
+constexpr int64_t kTileColumns = 256;
+
+int64_t tile_count(int64_t extent, int64_t tile) {
+  return (extent + tile - 1) / tile;
+}
+
+// Runs tile(index) for index in [0, tiles), over threads, with the BLAS single-threaded inside.
+template <typename Fn>
+void for_each_tile(int64_t tiles, const Fn& tile) {
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    const blas::SingleThreaded single;
+    for (int64_t index = begin; index < end; ++index) {
+      tile(index);
+    }
+  });
+}
+
+// C[m, n] = A[m, k] op(B) + beta C as blas::row_major_gemm, in fixed tiles (above). k must be positive.
+template <typename S>
+void tiled_gemm(int64_t m, int64_t n, int64_t k, const S* a, int64_t lda, const S* b, int64_t ldb, bool trans_b,
+                S beta, S* c, int64_t ldc) {
+  const int64_t column_tiles = tile_count(n, kTileColumns);
+  for_each_tile(tile_count(m, kTileRows) * column_tiles, [&](int64_t index) {
+    const int64_t i0 = index / column_tiles * kTileRows, j0 = index % column_tiles * kTileColumns;
+    const S* b_tile = trans_b ? b + j0 * ldb : b + j0;
+    blas::row_major_gemm<S>(std::min(kTileRows, m - i0), std::min(kTileColumns, n - j0), k, a + i0 * lda, lda,
+                            b_tile, ldb, beta, c + i0 * ldc + j0, ldc, trans_b);
+  });
+}
+
+// x_rows: [N, I]; w_ih: [4H, I]; b_ih, b_hh: [4H] -> x W_ih^T + b_ih + b_hh: [N, 4H], in tiles (above).
+template <typename S>
+at::Tensor tiled_input_gates(const at::Tensor& x_rows, const at::Tensor& w_ih, const std::optional<at::Tensor>& b_ih,
+                             const std::optional<at::Tensor>& b_hh) {
+  const int64_t rows = x_rows.size(0), gates = w_ih.size(0), input = w_ih.size(1);
+  at::Tensor out = b_ih.has_value() ? b_ih->add(*b_hh).expand({rows, gates}).contiguous()
+                                    : at::zeros({rows, gates}, x_rows.options());
+  if (rows > 0 && input > 0) {  // the BLAS refuses a leading dimension of 0
+    const at::Tensor x = x_rows.contiguous(), w = w_ih.contiguous();
+    tiled_gemm<S>(rows, gates, input, x.const_data_ptr<S>(), input, w.const_data_ptr<S>(), input,
+                  /*trans_b=*/true, S(1), out.data_ptr<S>(), gates);
+  }
+  return out;
+}
+
 // One of a layer call's per-step GEMMs, C[rows, n] = A[rows, k] B[k, n] (+ C if accumulate), with B a weight
 // block (row stride ldb) that is the same at every step. Chooses per step among:
 //  * small batches: our own kernel on B packed into panels once per call (kernels.h SmallGemm), since a BLAS
@@ -159,6 +211,8 @@ int64_t uniform_rows(const std::vector<Step>& schedule) {
 //  * float with the same rows at every step, from kMinRowsToPack: MKL's packed weights, packed once per call
 //    (measured: no gain at B=8, 1.3x at B=32; the packing is valid only for the rows it was made for);
 //  * otherwise the BLAS GEMM.
+// Past the small batches, C's columns go in fixed tiles of kTileColumns, one single-threaded BLAS call each,
+// spread over threads, so that results do not depend on the thread count (see tiled_gemm).
 // columns() computes a block of C's columns on the calling thread alone, for callers that split the work.
 template <typename S>
 class StepGemm {
@@ -180,24 +234,38 @@ class StepGemm {
     if constexpr (std::is_same_v<S, float>) {
       const int64_t rows = uniform_rows(schedule);
       if (rows >= kMinRowsToPack && blas::PackedWeight::available()) {
-        packed_ = std::make_unique<blas::PackedWeight>(rows, n, k, b, ldb);
+        for (int64_t j0 = 0; j0 < n; j0 += kTileColumns) {
+          packed_.push_back(std::make_unique<blas::PackedWeight>(rows, std::min(kTileColumns, n - j0), k, b + j0, ldb));
+        }
       }
     }
   }
 
-  // C[rows, :] for all columns; may use several threads (through the BLAS).
+  // C[rows, :] for all columns: small batches on this thread, larger ones in column tiles over threads.
   void operator()(int64_t rows, const S* a, S* c, int64_t ldc) const {
+    if (rows <= kMaxSmallRows) {
+      columns(rows, 0, n_, a, c, ldc);
+      return;
+    }
+    for_each_tile(tiles(), [&](int64_t index) { tile(index, rows, a, c, ldc); });
+  }
+
+  // Past the small batches: C's column tiles, and one of them computed on this thread (for callers that run
+  // the tiles of several GEMMs in one parallel loop).
+  int64_t tiles() const { return tile_count(n_, kTileColumns); }
+  void tile(int64_t index, int64_t rows, const S* a, S* c, int64_t ldc) const {
+    const int64_t j0 = index * kTileColumns;
     if constexpr (std::is_same_v<S, float>) {
-      if (rows > kMaxSmallRows && packed_ && packed_->m() == rows) {
-        packed_->gemm(a, accumulate_ ? 1.0f : 0.0f, c, ldc);
+      if (!packed_.empty() && packed_.front()->m() == rows) {
+        packed_[index]->gemm(a, accumulate_ ? 1.0f : 0.0f, c + j0, ldc);
         return;
       }
     }
-    columns(rows, 0, n_, a, c, ldc);
+    columns(rows, j0, std::min(n_, j0 + kTileColumns), a, c, ldc);
   }
 
-  // C[rows, j0 : j1], on this thread (the BLAS runs single-threaded inside a parallel region); j0 must be
-  // a multiple of kPanel.
+  // C[rows, j0 : j1], on this thread (inside a parallel region, or under blas::SingleThreaded); j0 must be a
+  // multiple of kPanel.
   void columns(int64_t rows, int64_t j0, int64_t j1, const S* a, S* c, int64_t ldc) const {
     if (rows <= kMaxSmallRows) {
       small_(SmallGemm<S>{j1 - j0, k_, a, panels_.data() + (j0 / kPanel) * k_ * kPanel, c + j0, ldc, accumulate_}, 0,
@@ -224,7 +292,7 @@ class StepGemm {
   bool accumulate_;
   decltype(small_gemm_loop<S>()) small_;
   std::vector<S> panels_;
-  std::unique_ptr<blas::PackedWeight> packed_;
+  std::vector<std::unique_ptr<blas::PackedWeight>> packed_;  // one per column tile, for rows = packed_[0]->m()
 };
 
 // weight [r, c] -> its transpose [c, r], contiguous: MKL's transpose, else cache-sized tiles (ATen's strided
@@ -277,9 +345,7 @@ class BlasForwardStepper final : public ForwardStepper {
     }
     S* gates = gates_ + step.offset * 4 * H;
     S* output = output_ + step.offset * Hout;
-    for (int64_t gate = 0; gate < 4; ++gate) {
-      recurrent_[gate](rows, h_state_, gates + gate * H, 4 * H);
-    }
+    add_recurrent(rows, gates);
     const ForwardPointers<S> p{H, gates, c_state_, cells_ + step.offset * H, project ? unprojected_ : output,
                                project ? nullptr : h_state_};
     parallel_rows(p, rows, loop_);
@@ -293,6 +359,23 @@ class BlasForwardStepper final : public ForwardStepper {
   // Splitting pays from this much work a step. Larger batches leave the threads to the BLAS instead
   // (measured at B=32, H=256: 13% slower split, within noise at B=64, H=512).
   static constexpr int64_t kMinMultiplyAddsToSplit = 1 << 16;
+
+  // gates[rows, 4H] += h_{t-1} W_hh^T. Past the small batches, the column tiles of all four gates in one
+  // parallel loop: one gate alone may be a single tile, which would leave the other threads idle.
+  void add_recurrent(int64_t rows, S* gates) {
+    const int64_t H = w_.hidden;
+    if (rows <= StepGemm<S>::kMaxSmallRows) {
+      for (int64_t gate = 0; gate < 4; ++gate) {
+        recurrent_[gate](rows, h_state_, gates + gate * H, 4 * H);
+      }
+      return;
+    }
+    const int64_t per_gate = recurrent_[0].tiles();
+    for_each_tile(4 * per_gate, [&](int64_t index) {
+      const int64_t gate = index / per_gate;
+      recurrent_[gate].tile(index % per_gate, rows, h_state_, gates + gate * H, 4 * H);
+    });
+  }
 
   // One step without projection and with a small batch, in one parallel region: each thread takes a block
   // of hidden units, computes those columns of all four gates' GEMM, waits for the others (all of them read
@@ -394,6 +477,27 @@ int64_t largest_step_dimension(const at::Tensor& w_hh, const at::Tensor& state) 
 
 // The Backend policy of layer.h for the CPU.
 struct CpuBackend {
+  // float and double in fixed tiles, so that outputs do not depend on the thread count; ATen otherwise.
+  static at::Tensor input_gates(const at::Tensor& x_rows, const at::Tensor& w_ih,
+                                const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+    const int64_t largest = std::max(w_ih.size(0), w_ih.size(1));
+    switch (x_rows.scalar_type()) {
+      case at::kFloat:
+        if (blas::available<float>(largest)) {
+          return tiled_input_gates<float>(x_rows, w_ih, b_ih, b_hh);
+        }
+        break;
+      case at::kDouble:
+        if (blas::available<double>(largest)) {
+          return tiled_input_gates<double>(x_rows, w_ih, b_ih, b_hh);
+        }
+        break;
+      default:
+        break;
+    }
+    return aten_input_gates(x_rows, w_ih, b_ih, b_hh);
+  }
+
   static std::unique_ptr<ForwardStepper> make_forward_stepper(const ForwardBuffers& b,
                                                               const std::vector<Step>& schedule) {
     return make<ForwardStepper, BlasForwardStepper, AtenForwardStepper<CpuCell>>(b, b.h_state, schedule);

@@ -38,14 +38,37 @@ bool available(int64_t largest_dimension) {
 
 template <typename T>
 void row_major_gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c,
-                    int64_t ldc) {
-  // Row-major C = A B is column-major C^T = B^T A^T, and a row-major matrix read as column-major is its
-  // transpose: so call the column-major routine with the operands swapped and no transposes.
+                    int64_t ldc, bool trans_b) {
+  // Row-major C = A op(B) is column-major C^T = op(B)^T A^T, and a row-major matrix read as column-major is its
+  // transpose: so call the column-major routine with the operands swapped, B transposed where op(B) is not B.
   const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
   const int ld_b = static_cast<int>(ldb), ld_a = static_cast<int>(lda), ld_c = static_cast<int>(ldc);
   const T alpha(1);
-  const char no_trans = 'N';
-  gemm<T>().fn(&no_trans, &no_trans, &M, &N, &K, &alpha, b, &ld_b, a, &ld_a, &beta, c, &ld_c);
+  const char no_trans = 'N', trans = 'T';
+  gemm<T>().fn(trans_b ? &trans : &no_trans, &no_trans, &M, &N, &K, &alpha, b, &ld_b, a, &ld_a, &beta, c, &ld_c);
+}
+
+namespace {
+
+using SetLocalThreads = int (*)(int);
+
+SetLocalThreads set_local_threads() {
+  static const auto fn = reinterpret_cast<SetLocalThreads>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
+  return fn;
+}
+
+}  // namespace
+
+SingleThreaded::SingleThreaded() {
+  if (const SetLocalThreads fn = set_local_threads()) {
+    previous_ = fn(1);
+  }
+}
+
+SingleThreaded::~SingleThreaded() {
+  if (const SetLocalThreads fn = set_local_threads()) {
+    fn(previous_);  // 0, the usual previous value, returns the thread to MKL's global setting
+  }
 }
 
 namespace {
@@ -126,8 +149,8 @@ template bool transpose<double>(int64_t, int64_t, const double*, double*);
 template bool available<float>(int64_t);
 template bool available<double>(int64_t);
 template void row_major_gemm<float>(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float,
-                                    float*, int64_t);
+                                    float*, int64_t, bool);
 template void row_major_gemm<double>(int64_t, int64_t, int64_t, const double*, int64_t, const double*, int64_t, double,
-                                     double*, int64_t);
+                                     double*, int64_t, bool);
 
 }  // namespace fused_lstm::cpu::blas

@@ -25,11 +25,25 @@ const Gemm<T>& gemm();  // defined for float and double
 template <typename T>
 bool available(int64_t largest_dimension);
 
-// Row-major convenience over the column-major routine: C[m, n] = A[m, k] B[k, n] + beta * C, with row
-// strides lda, ldb, ldc (so that A, B and C may be column blocks of larger matrices).
+// Row-major convenience over the column-major routine: C[m, n] = A[m, k] op(B) + beta * C, with row strides
+// lda, ldb, ldc (so that A, B and C may be blocks of larger matrices); op(B) is B[k, n], or with trans_b the
+// transpose of B[n, k].
 template <typename T>
 void row_major_gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c,
-                    int64_t ldc);
+                    int64_t ldc, bool trans_b = false);
+
+// While alive, the BLAS runs on the calling thread alone (MKL's thread-local mkl_set_num_threads_local(1));
+// nothing where libtorch has no such symbol. For GEMMs whose threading we do ourselves, in fixed tiles.
+class SingleThreaded {
+ public:
+  SingleThreaded();
+  ~SingleThreaded();
+  SingleThreaded(const SingleThreaded&) = delete;
+  SingleThreaded& operator=(const SingleThreaded&) = delete;
+
+ private:
+  int previous_ = 0;
+};
 
 // dst[cols, rows] = src[rows, cols]^T, both row-major and contiguous, with MKL's out-of-place transpose
 // (MKL_?omatcopy, the C interface) where libtorch has it; false where it does not, and the caller transposes itself.

@@ -12,6 +12,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <limits>
 
 #include "../cell.h"
 #include "kernels.h"
@@ -27,10 +28,18 @@ struct Elementwise<at::vec::Vectorized<S>> {
 // float: Sleef's 1-ulp tanh cost more than the rest of the cell together (7% of a B=8, H=128 forward against
 // 0.8% for exp, profiled). tanh(x) = 1 - 2 / (e^{2x} + 1) on the 2-ulp exp is within ~1e-7 absolute of it
 // (the float32 parity tolerance is 1e-5) and saturates exactly: e^{2x} = inf gives 1, e^{2x} = 0 gives -1.
+//
+// exp_u20 clamps its argument into [ln FLT_MIN, ln FLT_MAX] first, with a min and a max that turn NaN into the
+// bound: alone it returns a finite number for NaN (so a NaN input vanished from float32 outputs) and FLT_MAX
+// past ln FLT_MAX. exp() restores what std::exp gives there, NaN and inf, so NaN and Inf propagate as in nn.LSTM.
 template <>
 struct Elementwise<at::vec::Vectorized<float>> {
   using V = at::vec::Vectorized<float>;
-  static V exp(const V& x) { return x.exp_u20(); }
+  static constexpr float kLogFloatMax = 88.72283935546875f;  // ln FLT_MAX, exp_u20's upper clamp (0x42b17218)
+  static V exp(const V& x) {
+    const V overflowed = V::blendv(x.exp_u20(), V(std::numeric_limits<float>::infinity()), x > V(kLogFloatMax));
+    return V::blendv(overflowed, x, x.isnan());
+  }
   static V tanh(const V& x) { return V(1.0f) - V(2.0f) / (exp(x + x) + V(1.0f)); }
 };
 

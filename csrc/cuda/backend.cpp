@@ -17,6 +17,10 @@ struct CudaCell {
 
 // The Backend policy of layer.h for CUDA: ATen's GEMMs (cuBLAS on the current stream) and our cell kernels.
 struct CudaBackend {
+  static at::Tensor input_gates(const at::Tensor& x_rows, const at::Tensor& w_ih,
+                                const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+    return aten_input_gates(x_rows, w_ih, b_ih, b_hh);
+  }
   static std::unique_ptr<ForwardStepper> make_forward_stepper(const ForwardBuffers& b, const std::vector<Step>&) {
     return std::make_unique<AtenForwardStepper<CudaCell>>(b);
   }
