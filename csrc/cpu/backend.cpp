@@ -158,11 +158,27 @@ int64_t uniform_rows(const std::vector<Step>& schedule) {
 // a [12, 1024] x [1024, 4096] step, or a [15, 300] x [300, 160] input projection). So we split C into tiles of
 // a size fixed by the shape alone, each computed by one single-threaded BLAS call, and spread the tiles over
 // threads: every element is then the same sum in the same order however many threads run.
-constexpr int64_t kTileRows = 256;
-constexpr int64_t kTileColumns = 256;
+
+// The whole-sequence GEMM goes in row blocks with all columns, so each call packs the weights once for many
+// rows: eight blocks (an even load on 1, 2, 4 or 8 threads), of at least kMinRowTile rows.
+constexpr int64_t kRowTiles = 8;
+constexpr int64_t kMinRowTile = 64;
+
+int64_t row_tile(int64_t rows) {
+  return std::max(kMinRowTile, (rows + kRowTiles - 1) / kRowTiles);
+}
 
 int64_t tile_count(int64_t extent, int64_t tile) {
   return (extent + tile - 1) / tile;
+}
+
+// The per-step GEMMs' column tiles: 64 to 256 columns, and at least `min_tiles` of them where n allows, so
+// that a GEMM computed alone (not beside the other gates') still keeps every thread busy.
+constexpr int64_t kMinTiles = 4;  // for a GEMM computed alone
+
+int64_t column_tile(int64_t n, int64_t min_tiles) {
+  constexpr int64_t kMin = 64, kMax = 256;
+  return std::clamp(tile_count(tile_count(n, min_tiles), kMin) * kMin, kMin, kMax);
 }
 
 // Runs tile(index) for index in [0, tiles), over threads, with the BLAS single-threaded inside.
@@ -176,16 +192,14 @@ void for_each_tile(int64_t tiles, const Fn& tile) {
   });
 }
 
-// C[m, n] = A[m, k] op(B) + beta C as blas::row_major_gemm, in fixed tiles (above). k must be positive.
+// C[m, n] = A[m, k] op(B) + beta C as blas::row_major_gemm, in row blocks fixed by m (above). k must be positive.
 template <typename S>
 void tiled_gemm(int64_t m, int64_t n, int64_t k, const S* a, int64_t lda, const S* b, int64_t ldb, bool trans_b,
                 S beta, S* c, int64_t ldc) {
-  const int64_t column_tiles = tile_count(n, kTileColumns);
-  for_each_tile(tile_count(m, kTileRows) * column_tiles, [&](int64_t index) {
-    const int64_t i0 = index / column_tiles * kTileRows, j0 = index % column_tiles * kTileColumns;
-    const S* b_tile = trans_b ? b + j0 * ldb : b + j0;
-    blas::row_major_gemm<S>(std::min(kTileRows, m - i0), std::min(kTileColumns, n - j0), k, a + i0 * lda, lda,
-                            b_tile, ldb, beta, c + i0 * ldc + j0, ldc, trans_b);
+  const int64_t tile = row_tile(m);
+  for_each_tile(tile_count(m, tile), [&](int64_t index) {
+    const int64_t i0 = index * tile;
+    blas::row_major_gemm<S>(std::min(tile, m - i0), n, k, a + i0 * lda, lda, b, ldb, beta, c + i0 * ldc, ldc, trans_b);
   });
 }
 
@@ -211,7 +225,7 @@ at::Tensor tiled_input_gates(const at::Tensor& x_rows, const at::Tensor& w_ih, c
 //  * float with the same rows at every step, from kMinRowsToPack: MKL's packed weights, packed once per call
 //    (measured: no gain at B=8, 1.3x at B=32; the packing is valid only for the rows it was made for);
 //  * otherwise the BLAS GEMM.
-// Past the small batches, C's columns go in fixed tiles of kTileColumns, one single-threaded BLAS call each,
+// Past the small batches, C's columns go in fixed tiles (column_tile), one single-threaded BLAS call each,
 // spread over threads, so that results do not depend on the thread count (see tiled_gemm).
 // columns() computes a block of C's columns on the calling thread alone, for callers that split the work.
 template <typename S>
@@ -222,8 +236,11 @@ class StepGemm {
   static constexpr int64_t kPanel = kSmallGemmPanel<S>;
 
   // b: nullptr for a GEMM the layer does not have (the projection, without one); never called then.
-  StepGemm(const S* b, int64_t ldb, int64_t n, int64_t k, bool accumulate, const std::vector<Step>& schedule)
-      : b_(b), ldb_(ldb), n_(n), k_(k), accumulate_(accumulate), small_(small_gemm_loop<S>()) {
+  // min_tiles: column tiles wanted for threads to share (1 where the caller runs several GEMMs' tiles at once).
+  StepGemm(const S* b, int64_t ldb, int64_t n, int64_t k, bool accumulate, const std::vector<Step>& schedule,
+           int64_t min_tiles)
+      : b_(b), ldb_(ldb), n_(n), k_(k), tile_columns_(column_tile(n, min_tiles)), accumulate_(accumulate),
+        small_(small_gemm_loop<S>()) {
     if (b == nullptr) {
       return;
     }
@@ -234,8 +251,9 @@ class StepGemm {
     if constexpr (std::is_same_v<S, float>) {
       const int64_t rows = uniform_rows(schedule);
       if (rows >= kMinRowsToPack && blas::PackedWeight::available()) {
-        for (int64_t j0 = 0; j0 < n; j0 += kTileColumns) {
-          packed_.push_back(std::make_unique<blas::PackedWeight>(rows, std::min(kTileColumns, n - j0), k, b + j0, ldb));
+        for (int64_t j0 = 0; j0 < n; j0 += tile_columns_) {
+          packed_.push_back(
+              std::make_unique<blas::PackedWeight>(rows, std::min(tile_columns_, n - j0), k, b + j0, ldb));
         }
       }
     }
@@ -252,16 +270,16 @@ class StepGemm {
 
   // Past the small batches: C's column tiles, and one of them computed on this thread (for callers that run
   // the tiles of several GEMMs in one parallel loop).
-  int64_t tiles() const { return tile_count(n_, kTileColumns); }
+  int64_t tiles() const { return tile_count(n_, tile_columns_); }
   void tile(int64_t index, int64_t rows, const S* a, S* c, int64_t ldc) const {
-    const int64_t j0 = index * kTileColumns;
+    const int64_t j0 = index * tile_columns_;
     if constexpr (std::is_same_v<S, float>) {
       if (!packed_.empty() && packed_.front()->m() == rows) {
         packed_[index]->gemm(a, accumulate_ ? 1.0f : 0.0f, c + j0, ldc);
         return;
       }
     }
-    columns(rows, j0, std::min(n_, j0 + kTileColumns), a, c, ldc);
+    columns(rows, j0, std::min(n_, j0 + tile_columns_), a, c, ldc);
   }
 
   // C[rows, j0 : j1], on this thread (inside a parallel region, or under blas::SingleThreaded); j0 must be a
@@ -288,7 +306,7 @@ class StepGemm {
   }
 
   const S* b_;
-  int64_t ldb_, n_, k_;
+  int64_t ldb_, n_, k_, tile_columns_;
   bool accumulate_;
   decltype(small_gemm_loop<S>()) small_;
   std::vector<S> panels_;
@@ -327,11 +345,12 @@ class BlasForwardStepper final : public ForwardStepper {
         gates_(b.gates.data_ptr<S>()), cells_(b.cells.data_ptr<S>()), output_(b.output.data_ptr<S>()),
         h_state_(b.h_state.data_ptr<S>()), c_state_(b.c_state.data_ptr<S>()),
         unprojected_(pointer_or_null<S>(b.unprojected)), loop_(forward_loop<S>()),
-        projection_(pointer_or_null<S>(w_hr_t_), w_.output, w_.output, w_.hidden, /*accumulate=*/false, schedule) {
+        projection_(pointer_or_null<S>(w_hr_t_), w_.output, w_.output, w_.hidden, /*accumulate=*/false, schedule,
+                    kMinTiles) {
     // One GEMM per gate (columns [g H, (g + 1) H) of W_hh^T), so that threads can split the hidden units.
     for (int64_t gate = 0; gate < 4; ++gate) {
       recurrent_.emplace_back(w_hh_t_.const_data_ptr<S>() + gate * w_.hidden, 4 * w_.hidden, w_.hidden, w_.output,
-                              /*accumulate=*/true, schedule);
+                              /*accumulate=*/true, schedule, /*min_tiles=*/1);
     }
   }
 
@@ -431,8 +450,10 @@ class BlasBackwardStepper final : public BackwardStepper {
         d_h_state_(b.d_h_state.data_ptr<S>()), d_c_state_(b.d_c_state.data_ptr<S>()),
         d_output_all_(pointer_or_null<S>(b.d_output_all)), d_unprojected_(pointer_or_null<S>(b.d_unprojected)),
         loop_(backward_loop<S>()),
-        recurrent_(b.w_hh.const_data_ptr<S>(), w_.output, w_.output, 4 * w_.hidden, /*accumulate=*/false, schedule),
-        projection_(pointer_or_null<S>(b.w_hr), w_.hidden, w_.hidden, w_.output, /*accumulate=*/false, schedule) {}
+        recurrent_(b.w_hh.const_data_ptr<S>(), w_.output, w_.output, 4 * w_.hidden, /*accumulate=*/false, schedule,
+                   kMinTiles),
+        projection_(pointer_or_null<S>(b.w_hr), w_.hidden, w_.hidden, w_.output, /*accumulate=*/false, schedule,
+                    kMinTiles) {}
 
   void run(const Step& step) override {
     const int64_t H = w_.hidden, Hout = w_.output, rows = step.rows;
