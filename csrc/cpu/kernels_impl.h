@@ -120,8 +120,10 @@ void backward_rows_as(const BackwardPointers<S>& p, int64_t row_begin, int64_t r
 }
 
 // Rows [row, row + R) of a SmallGemm, one panel of columns at a time: R x (panel / vector width)
-// accumulators stay in registers while k runs, and each loaded row of the panel serves all R rows.
-template <typename S, int R>
+// accumulators stay in registers while k runs, and each loaded row of the panel serves all R rows. KU > 1
+// splits the sum over k into KU interleaved partial sums, added at the end: with one row, the panel's two
+// accumulators alone would leave each FMA waiting on the previous one (latency-bound at batch 1).
+template <typename S, int R, int KU>
 void small_gemm_block(const SmallGemm<S>& g, int64_t row) {
   using V = at::vec::Vectorized<S>;
   constexpr int64_t W = V::size();
@@ -129,14 +131,17 @@ void small_gemm_block(const SmallGemm<S>& g, int64_t row) {
   constexpr int NV = static_cast<int>(P / W);
   for (int64_t j = 0; j < g.n; j += P) {
     const S* panel = g.b + (j / P) * g.k * P;
-    V acc[R][NV];
-    for (int r = 0; r < R; ++r) {
-      for (int v = 0; v < NV; ++v) {
-        const int64_t count = std::min<int64_t>(W, g.n - j - v * W);
-        acc[r][v] = g.accumulate && count > 0 ? V::loadu(g.c + (row + r) * g.ldc + j + v * W, count) : V(S(0));
+    V acc[KU][R][NV];
+    for (int u = 0; u < KU; ++u) {
+      for (int r = 0; r < R; ++r) {
+        for (int v = 0; v < NV; ++v) {
+          const int64_t count = std::min<int64_t>(W, g.n - j - v * W);
+          const bool load = u == 0 && g.accumulate && count > 0;
+          acc[u][r][v] = load ? V::loadu(g.c + (row + r) * g.ldc + j + v * W, count) : V(S(0));
+        }
       }
     }
-    for (int64_t kk = 0; kk < g.k; ++kk) {
+    const auto multiply_add = [&](V(&sums)[R][NV], int64_t kk) {
       V b[NV];
       for (int v = 0; v < NV; ++v) {
         b[v] = V::loadu(panel + kk * P + v * W);
@@ -144,15 +149,27 @@ void small_gemm_block(const SmallGemm<S>& g, int64_t row) {
       for (int r = 0; r < R; ++r) {
         const V a(g.a[(row + r) * g.k + kk]);
         for (int v = 0; v < NV; ++v) {
-          acc[r][v] = at::vec::fmadd(a, b[v], acc[r][v]);
+          sums[r][v] = at::vec::fmadd(a, b[v], sums[r][v]);
         }
       }
+    };
+    int64_t kk = 0;
+    for (; kk + KU <= g.k; kk += KU) {
+      for (int u = 0; u < KU; ++u) {
+        multiply_add(acc[u], kk + u);
+      }
+    }
+    for (; kk < g.k; ++kk) {
+      multiply_add(acc[0], kk);
     }
     for (int r = 0; r < R; ++r) {
       for (int v = 0; v < NV; ++v) {
+        for (int u = 1; u < KU; ++u) {
+          acc[0][r][v] = acc[0][r][v] + acc[u][r][v];
+        }
         const int64_t count = std::min<int64_t>(W, g.n - j - v * W);
         if (count > 0) {
-          acc[r][v].store(g.c + (row + r) * g.ldc + j + v * W, count);
+          acc[0][r][v].store(g.c + (row + r) * g.ldc + j + v * W, count);
         }
       }
     }
@@ -179,14 +196,14 @@ void backward_rows(const BackwardPointers<S>& p, int64_t row_begin, int64_t row_
 template <typename S>
 void small_gemm_rows(const SmallGemm<S>& g, int64_t row_begin, int64_t row_end) {
   // Four rows at a time with two vectors a panel row (AVX-512), two with more (AVX2, baseline): at most
-  // eight accumulators, well within the vector registers.
+  // eight accumulators, well within the vector registers; the rows left over, one at a time, split k instead.
   constexpr int kBlock = kSmallGemmPanel<S> / at::vec::Vectorized<S>::size() <= 2 ? 4 : 2;
   int64_t row = row_begin;
   for (; row + kBlock <= row_end; row += kBlock) {
-    small_gemm_block<S, kBlock>(g, row);
+    small_gemm_block<S, kBlock, 1>(g, row);
   }
   for (; row < row_end; ++row) {
-    small_gemm_block<S, 1>(g, row);
+    small_gemm_block<S, 1, kBlock>(g, row);
   }
 }
 
