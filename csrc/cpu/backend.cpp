@@ -172,13 +172,11 @@ int64_t tile_count(int64_t extent, int64_t tile) {
   return (extent + tile - 1) / tile;
 }
 
-// The per-step GEMMs' column tiles: 64 to 256 columns, and at least `min_tiles` of them where n allows, so
-// that a GEMM computed alone (not beside the other gates') still keeps every thread busy.
-constexpr int64_t kMinTiles = 4;  // for a GEMM computed alone
-
-int64_t column_tile(int64_t n, int64_t min_tiles) {
-  constexpr int64_t kMin = 64, kMax = 256;
-  return std::clamp(tile_count(tile_count(n, min_tiles), kMin) * kMin, kMin, kMax);
+// The per-step GEMMs' column tiles: 64 to 256 columns, and at least two of them where n allows, so that the
+// threads have tiles to share (four were measured slower in backward at Hout = 256: 64 columns is narrow).
+int64_t column_tile(int64_t n) {
+  constexpr int64_t kMin = 64, kMax = 256, kMinTiles = 2;
+  return std::clamp(tile_count(tile_count(n, kMinTiles), kMin) * kMin, kMin, kMax);
 }
 
 // Runs tile(index) for index in [0, tiles), over threads, with the BLAS single-threaded inside.
@@ -220,37 +218,39 @@ at::Tensor tiled_input_gates(const at::Tensor& x_rows, const at::Tensor& w_ih, c
 
 // One of a layer call's per-step GEMMs, C[rows, n] = A[rows, k] B[k, n] (+ C if accumulate), with B a weight
 // block (row stride ldb) that is the same at every step. Chooses per step among:
-//  * small batches: our own kernel on B packed into panels once per call (kernels.h SmallGemm), since a BLAS
-//    call costs microseconds there;
+//  * up to kMaxSmallRows rows: our own kernel on B packed into panels once per call (kernels.h SmallGemm),
+//    since a BLAS call costs microseconds there (from 3 rows on, the tiled BLAS GEMM measured faster);
 //  * float with the same rows at every step, from kMinRowsToPack: MKL's packed weights, packed once per call
 //    (measured: no gain at B=8, 1.3x at B=32; the packing is valid only for the rows it was made for);
 //  * otherwise the BLAS GEMM.
 // Past the small batches, C's columns go in fixed tiles (column_tile), one single-threaded BLAS call each,
 // spread over threads, so that results do not depend on the thread count (see tiled_gemm).
 // columns() computes a block of C's columns on the calling thread alone, for callers that split the work.
+// StepRows says which batches a GEMM will see, so that it prepares only what those need.
+enum class StepRows { kAny, kSmallOnly, kLargeOnly };
+
 template <typename S>
 class StepGemm {
  public:
-  static constexpr int64_t kMaxSmallRows = 8;
+  static constexpr int64_t kMaxSmallRows = 2;
   static constexpr int64_t kMinRowsToPack = 16;
   static constexpr int64_t kPanel = kSmallGemmPanel<S>;
 
   // b: nullptr for a GEMM the layer does not have (the projection, without one); never called then.
-  // min_tiles: column tiles wanted for threads to share (1 where the caller runs several GEMMs' tiles at once).
   StepGemm(const S* b, int64_t ldb, int64_t n, int64_t k, bool accumulate, const std::vector<Step>& schedule,
-           int64_t min_tiles)
-      : b_(b), ldb_(ldb), n_(n), k_(k), tile_columns_(column_tile(n, min_tiles)), accumulate_(accumulate),
+           StepRows used_for = StepRows::kAny)
+      : b_(b), ldb_(ldb), n_(n), k_(k), tile_columns_(column_tile(n)), accumulate_(accumulate),
         small_(small_gemm_loop<S>()) {
     if (b == nullptr) {
       return;
     }
     const bool any_small = std::any_of(schedule.begin(), schedule.end(), [](const Step& s) { return s.rows <= kMaxSmallRows; });
-    if (any_small) {
+    if (any_small && used_for != StepRows::kLargeOnly) {
       pack_panels();
     }
     if constexpr (std::is_same_v<S, float>) {
       const int64_t rows = uniform_rows(schedule);
-      if (rows >= kMinRowsToPack && blas::PackedWeight::available()) {
+      if (rows >= kMinRowsToPack && used_for != StepRows::kSmallOnly && blas::PackedWeight::available()) {
         for (int64_t j0 = 0; j0 < n; j0 += tile_columns_) {
           packed_.push_back(
               std::make_unique<blas::PackedWeight>(rows, std::min(tile_columns_, n - j0), k, b + j0, ldb));
@@ -268,20 +268,6 @@ class StepGemm {
     for_each_tile(tiles(), [&](int64_t index) { tile(index, rows, a, c, ldc); });
   }
 
-  // Past the small batches: C's column tiles, and one of them computed on this thread (for callers that run
-  // the tiles of several GEMMs in one parallel loop).
-  int64_t tiles() const { return tile_count(n_, tile_columns_); }
-  void tile(int64_t index, int64_t rows, const S* a, S* c, int64_t ldc) const {
-    const int64_t j0 = index * tile_columns_;
-    if constexpr (std::is_same_v<S, float>) {
-      if (!packed_.empty() && packed_.front()->m() == rows) {
-        packed_[index]->gemm(a, accumulate_ ? 1.0f : 0.0f, c + j0, ldc);
-        return;
-      }
-    }
-    columns(rows, j0, std::min(n_, j0 + tile_columns_), a, c, ldc);
-  }
-
   // C[rows, j0 : j1], on this thread (inside a parallel region, or under blas::SingleThreaded); j0 must be a
   // multiple of kPanel.
   void columns(int64_t rows, int64_t j0, int64_t j1, const S* a, S* c, int64_t ldc) const {
@@ -294,6 +280,19 @@ class StepGemm {
   }
 
  private:
+  // Past the small batches: C's column tiles, and one of them computed on this thread.
+  int64_t tiles() const { return tile_count(n_, tile_columns_); }
+  void tile(int64_t index, int64_t rows, const S* a, S* c, int64_t ldc) const {
+    const int64_t j0 = index * tile_columns_;
+    if constexpr (std::is_same_v<S, float>) {
+      if (!packed_.empty() && packed_.front()->m() == rows) {
+        packed_[index]->gemm(a, accumulate_ ? 1.0f : 0.0f, c + j0, ldc);
+        return;
+      }
+    }
+    columns(rows, j0, std::min(n_, j0 + tile_columns_), a, c, ldc);
+  }
+
   void pack_panels() {
     const int64_t count = (n_ + kPanel - 1) / kPanel;
     panels_.assign(count * k_ * kPanel, S(0));
@@ -345,12 +344,13 @@ class BlasForwardStepper final : public ForwardStepper {
         gates_(b.gates.data_ptr<S>()), cells_(b.cells.data_ptr<S>()), output_(b.output.data_ptr<S>()),
         h_state_(b.h_state.data_ptr<S>()), c_state_(b.c_state.data_ptr<S>()),
         unprojected_(pointer_or_null<S>(b.unprojected)), loop_(forward_loop<S>()),
-        projection_(pointer_or_null<S>(w_hr_t_), w_.output, w_.output, w_.hidden, /*accumulate=*/false, schedule,
-                    kMinTiles) {
+        projection_(pointer_or_null<S>(w_hr_t_), w_.output, w_.output, w_.hidden, /*accumulate=*/false, schedule),
+        all_gates_(w_hh_t_.const_data_ptr<S>(), 4 * w_.hidden, 4 * w_.hidden, w_.output, /*accumulate=*/true, schedule,
+                   StepRows::kLargeOnly) {
     // One GEMM per gate (columns [g H, (g + 1) H) of W_hh^T), so that threads can split the hidden units.
     for (int64_t gate = 0; gate < 4; ++gate) {
       recurrent_.emplace_back(w_hh_t_.const_data_ptr<S>() + gate * w_.hidden, 4 * w_.hidden, w_.hidden, w_.output,
-                              /*accumulate=*/true, schedule, /*min_tiles=*/1);
+                              /*accumulate=*/true, schedule, StepRows::kSmallOnly);
     }
   }
 
@@ -379,8 +379,9 @@ class BlasForwardStepper final : public ForwardStepper {
   // (measured at B=32, H=256: 13% slower split, within noise at B=64, H=512).
   static constexpr int64_t kMinMultiplyAddsToSplit = 1 << 16;
 
-  // gates[rows, 4H] += h_{t-1} W_hh^T. Past the small batches, the column tiles of all four gates in one
-  // parallel loop: one gate alone may be a single tile, which would leave the other threads idle.
+  // gates[rows, 4H] += h_{t-1} W_hh^T. Past the smallest batches, one tiled BLAS GEMM over all four gates
+  // (measured: 1.3x the per-gate small kernel split over threads at B=8, H=128, and 1.15x per-gate tiles at
+  // B=32, H=256).
   void add_recurrent(int64_t rows, S* gates) {
     const int64_t H = w_.hidden;
     if (rows <= StepGemm<S>::kMaxSmallRows) {
@@ -389,11 +390,7 @@ class BlasForwardStepper final : public ForwardStepper {
       }
       return;
     }
-    const int64_t per_gate = recurrent_[0].tiles();
-    for_each_tile(4 * per_gate, [&](int64_t index) {
-      const int64_t gate = index / per_gate;
-      recurrent_[gate].tile(index % per_gate, rows, h_state_, gates + gate * H, 4 * H);
-    });
+    all_gates_(rows, h_state_, gates, 4 * H);
   }
 
   // One step without projection and with a small batch, in one parallel region: each thread takes a block
@@ -437,6 +434,7 @@ class BlasForwardStepper final : public ForwardStepper {
   decltype(forward_loop<S>()) loop_;
   std::vector<StepGemm<S>> recurrent_;  // gates[:, g] += h W_hh^T[:, g], per gate g
   StepGemm<S> projection_;              // output = h W_hr^T
+  StepGemm<S> all_gates_;               // gates += h W_hh^T, past the small batches
   int threads_ = at::get_num_threads();
 };
 
@@ -450,10 +448,8 @@ class BlasBackwardStepper final : public BackwardStepper {
         d_h_state_(b.d_h_state.data_ptr<S>()), d_c_state_(b.d_c_state.data_ptr<S>()),
         d_output_all_(pointer_or_null<S>(b.d_output_all)), d_unprojected_(pointer_or_null<S>(b.d_unprojected)),
         loop_(backward_loop<S>()),
-        recurrent_(b.w_hh.const_data_ptr<S>(), w_.output, w_.output, 4 * w_.hidden, /*accumulate=*/false, schedule,
-                   kMinTiles),
-        projection_(pointer_or_null<S>(b.w_hr), w_.hidden, w_.hidden, w_.output, /*accumulate=*/false, schedule,
-                    kMinTiles) {}
+        recurrent_(b.w_hh.const_data_ptr<S>(), w_.output, w_.output, 4 * w_.hidden, /*accumulate=*/false, schedule),
+        projection_(pointer_or_null<S>(b.w_hr), w_.hidden, w_.hidden, w_.output, /*accumulate=*/false, schedule) {}
 
   void run(const Step& step) override {
     const int64_t H = w_.hidden, Hout = w_.output, rows = step.rows;
