@@ -78,6 +78,11 @@ class LSTM(nn.LSTM):
         self._check_packed(data, batch, hx)
         self._check_state_and_parameters(data, hx)
         output, h_n, c_n = self._run_layers(data, batch_sizes, hx)
+        autocast = _autocast_dtype(data)
+        if autocast is not None and data.device.type == "cpu":
+            # nn.LSTM's packed path on the CPU runs op by op under autocast: its cell update promotes to c_0's dtype.
+            dtype = torch.promote_types(autocast, hx[1].dtype)
+            output, h_n, c_n = (t.to(dtype) for t in (output, h_n, c_n))
         packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
         return packed, self.permute_hidden((h_n, c_n), unsorted_indices)
 
@@ -134,8 +139,14 @@ class LSTM(nn.LSTM):
                     "Input and parameter tensors are not at the same device, found input tensor at "
                     f"{input.device} and parameter tensor at {weight.device}"
                 )
-        if _autocast_dtype(input) is not None:
-            return  # autocast casts input, states and weights to one dtype, as it does for nn.LSTM's op
+        autocast = _autocast_dtype(input)
+        if autocast is not None:  # autocast casts what it may; nn.LSTM's first GEMM then meets the rest
+            x_dtype, w_dtype = (_autocast_target(t.dtype, autocast) for t in (input, self._flat_weights[0]))
+            if x_dtype != w_dtype:
+                raise RuntimeError(
+                    f"mat1 and mat2 must have the same dtype, but got {_aten_name(x_dtype)} and {_aten_name(w_dtype)}"
+                )
+            return
         for name, state in zip(("hx[0] (h_0)", "hx[1] (c_0)"), hx):
             if state.dtype != input.dtype:
                 raise RuntimeError(f"LSTM: {name} has dtype {state.dtype} but the input has dtype {input.dtype}")
@@ -264,9 +275,14 @@ def _cell_autocast_dtype(input: Tensor) -> torch.dtype | None:
     return None
 
 
+def _autocast_target(dtype: torch.dtype, autocast: torch.dtype) -> torch.dtype:
+    """What autocast makes of a tensor of `dtype`: floating types but float64 become `autocast`."""
+    return autocast if dtype.is_floating_point and dtype != torch.float64 else dtype
+
+
 def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
-    """t in `dtype`, as autocast casts: float64 tensors are left alone."""
-    return t if t is None or dtype is None or t.dtype == torch.float64 else t.to(dtype)
+    """t as autocast to `dtype` casts it (unchanged if dtype is None)."""
+    return t if t is None or dtype is None else t.to(_autocast_target(t.dtype, dtype))
 
 
 def _dtype_name(t: Tensor) -> str:

@@ -249,15 +249,34 @@ def test_cpu_autocast_leaves_float64_alone():
         torch.testing.assert_close(a, e, **TOLERANCE[torch.float64])
 
 
-def test_cpu_autocast_packed_lower_precision_input():
-    """An earlier layer under autocast hands over bfloat16 data to a float32 LSTM."""
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("data_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cpu_autocast_packed_dtypes_match_nn_lstm(data_dtype, autocast_dtype):
+    """A float32 LSTM under autocast, fed packed data of any floating dtype (an earlier layer under autocast
+    hands over lower precision). nn.LSTM's packed CPU path promotes its results to c_0's dtype."""
     ref, ours = pair(proj_size=0)
-    packed = nn.utils.rnn.pack_sequence([torch.randn(n, 3, dtype=torch.bfloat16) for n in (4, 2, 1)])
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    packed = nn.utils.rnn.pack_sequence([torch.randn(n, 3, dtype=data_dtype) for n in (4, 2, 1)])
+    with torch.autocast("cpu", dtype=autocast_dtype):
         expected, (eh, ec) = ref(packed)
         actual, (ah, ac) = ours(packed)
     assert (actual.data.dtype, ah.dtype, ac.dtype) == (expected.data.dtype, eh.dtype, ec.dtype)
-    torch.testing.assert_close(actual.data.float(), expected.data.float(), atol=2e-2, rtol=2e-2)
+    # Both compute their GEMMs in the autocast dtype (bfloat16: 8 bits of mantissa) and round at different points.
+    torch.testing.assert_close(actual.data.float(), expected.data.float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("input_dtype", [torch.int64, torch.float64])
+@pytest.mark.parametrize("packed", [False, True])
+def test_cpu_autocast_refuses_what_it_cannot_cast_as_nn_lstm(input_dtype, packed):
+    """Autocast casts neither integers nor float64: a float32 model's cast weights then meet them."""
+    ref, ours = pair(proj_size=0)
+    x = torch.ones(4, 2, 3, dtype=input_dtype)
+    inp = nn.utils.rnn.pack_padded_sequence(x, [4, 3]) if packed else x
+    messages = []
+    for module in (ref, ours):
+        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError) as error:
+            module(inp)
+        messages.append(str(error.value))
+    assert messages[1] == messages[0]
 
 
 @pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
