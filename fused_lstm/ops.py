@@ -75,7 +75,7 @@ def _aten_name(dtype: torch.dtype) -> str:
     """The name C++ messages print for a dtype (Float, Double, Long, ComplexFloat), from the legacy type string
     'torch.FloatTensor'; str(dtype) where there is none."""
     try:
-        return torch.empty(0, dtype=dtype).type().removeprefix("torch.").removesuffix("Tensor")
+        return torch.empty(0, dtype=dtype, device="cpu").type().removeprefix("torch.").removesuffix("Tensor")
     except (RuntimeError, TypeError):
         return str(dtype)
 
