@@ -251,6 +251,7 @@ class StepGemm {
     if constexpr (std::is_same_v<S, float>) {
       const int64_t rows = uniform_rows(schedule);
       if (rows >= kMinRowsToPack && used_for != StepRows::kSmallOnly && blas::PackedWeight::available()) {
+        const blas::SingleThreaded single;  // MKL asks for the same thread count to pack as to compute
         for (int64_t j0 = 0; j0 < n; j0 += tile_columns_) {
           packed_.push_back(
               std::make_unique<blas::PackedWeight>(rows, std::min(tile_columns_, n - j0), k, b + j0, ldb));
@@ -347,7 +348,8 @@ class BlasForwardStepper final : public ForwardStepper {
         projection_(pointer_or_null<S>(w_hr_t_), w_.output, w_.output, w_.hidden, /*accumulate=*/false, schedule),
         all_gates_(w_hh_t_.const_data_ptr<S>(), 4 * w_.hidden, 4 * w_.hidden, w_.output, /*accumulate=*/true, schedule,
                    StepRows::kLargeOnly) {
-    // One GEMM per gate (columns [g H, (g + 1) H) of W_hh^T), so that threads can split the hidden units.
+    // For batches of up to kMaxSmallRows rows, one GEMM per gate (columns [g H, (g + 1) H) of W_hh^T), so
+    // that threads can split the hidden units; larger batches use all_gates_.
     for (int64_t gate = 0; gate < 4; ++gate) {
       recurrent_.emplace_back(w_hh_t_.const_data_ptr<S>() + gate * w_.hidden, 4 * w_.hidden, w_.hidden, w_.output,
                               /*accumulate=*/true, schedule, StepRows::kSmallOnly);
@@ -375,8 +377,8 @@ class BlasForwardStepper final : public ForwardStepper {
   }
 
  private:
-  // Splitting pays from this much work a step. Larger batches leave the threads to the BLAS instead
-  // (measured at B=32, H=256: 13% slower split, within noise at B=64, H=512).
+  // Splitting a step of up to kMaxSmallRows rows pays from this much work; less stays on one thread.
+  // (Larger batches go to the tiled BLAS GEMM, whose tiles the threads share.)
   static constexpr int64_t kMinMultiplyAddsToSplit = 1 << 16;
 
   // gates[rows, 4H] += h_{t-1} W_hh^T. Past the smallest batches, one tiled BLAS GEMM over all four gates
@@ -432,7 +434,7 @@ class BlasForwardStepper final : public ForwardStepper {
   S* c_state_;
   S* unprojected_;
   decltype(forward_loop<S>()) loop_;
-  std::vector<StepGemm<S>> recurrent_;  // gates[:, g] += h W_hh^T[:, g], per gate g
+  std::vector<StepGemm<S>> recurrent_;  // gates[:, g] += h W_hh^T[:, g], per gate g (small batches)
   StepGemm<S> projection_;              // output = h W_hr^T
   StepGemm<S> all_gates_;               // gates += h W_hh^T, past the small batches
   int threads_ = at::get_num_threads();
