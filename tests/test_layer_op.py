@@ -161,11 +161,11 @@ def test_large_batch_matches_nn_lstm(proj, reverse):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("batch,hidden", [(8, 64), (20, 64), (3, 200)])
+@pytest.mark.parametrize("batch,hidden", [(1, 200), (2, 128), (8, 64), (20, 64), (3, 200)])
 @pytest.mark.parametrize("packed", [False, True])
 def test_wide_layers_match_nn_lstm(dtype, batch, hidden, packed):
-    """Sizes that take the CPU path where threads split the hidden units (up to 8 rows and from 2^16
-    multiply-adds a step), the BLAS path past 8 rows, and hidden sizes that are not a multiple of the
+    """Sizes that take the CPU path where threads split the hidden units (up to 2 rows and from 2^16
+    multiply-adds a step), the tiled BLAS path past 2 rows, and hidden sizes that are not a multiple of the
     small-batch kernel's panel width."""
     torch.manual_seed(0)
     lstm = torch.nn.LSTM(8, hidden, bidirectional=True, dtype=dtype)
