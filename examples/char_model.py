@@ -12,7 +12,6 @@ a similar amount.
 Run:  .venv/bin/python examples/char_model.py --steps 200
 """
 
-
 import torch
 from torch import nn
 
@@ -76,8 +75,6 @@ def train(lstm_cls, vocab_size, batches, args):
         optimizer.step()
         losses.append(loss.item())
     return losses
-
-
 
 
 def main(argv=None):

@@ -15,7 +15,6 @@ arithmetic differs in the last bit do (nn.LSTM runs oneDNN or ATen's kernels on 
 Run:  .venv/bin/python examples/padded_classifier.py --steps 150
 """
 
-
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_sequence
@@ -69,8 +68,6 @@ def accuracy(model, data, device):
     tokens, lengths, labels = data
     model.eval()
     return (model(tokens.to(device), lengths).argmax(-1).cpu() == labels).float().mean().item()
-
-
 
 
 def main(argv=None):

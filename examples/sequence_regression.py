@@ -65,8 +65,6 @@ def train(model, batches, args):
     return losses
 
 
-
-
 def main(argv=None):
     parser = side_by_side.parser(__doc__.split("\n")[0], steps=100, lr=5e-3)
     parser.add_argument("--seq-len", type=int, default=32)

@@ -79,10 +79,8 @@ class LSTM(nn.LSTM):
         self._check_state_and_parameters(data, hx)
         output, h_n, c_n = self._run_layers(data, batch_sizes, hx)
         autocast = _autocast_dtype(data)
-        if autocast is not None and data.device.type == "cpu":
-            # nn.LSTM's packed path on the CPU runs op by op under autocast: its cell update promotes to c_0's dtype.
-            dtype = torch.promote_types(autocast, hx[1].dtype)
-            output, h_n, c_n = (t.to(dtype) for t in (output, h_n, c_n))
+        if autocast is not None and data.device.type == "cpu":  # nn.LSTM's packed CPU path runs op by op
+            output, h_n, c_n = _promoted_to_cell_state((output, h_n, c_n), autocast, hx[1])
         packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
         return packed, self.permute_hidden((h_n, c_n), unsorted_indices)
 
@@ -108,10 +106,7 @@ class LSTM(nn.LSTM):
                 f"mat1 and mat2 shapes cannot be multiplied ({data.size(0)}x{data.size(-1)} and "
                 f"{w_ih.size(1)}x{w_ih.size(0)})"
             )
-        if data.dtype != w_ih.dtype and _autocast_dtype(data) is None:
-            raise RuntimeError(
-                f"mat1 and mat2 must have the same dtype, but got {_dtype_name(data)} and {_dtype_name(w_ih)}"
-            )
+        _check_first_gemm_dtypes(data, w_ih)
         for state in (h, c):
             if torch.compiler.is_compiling():
                 # The batch is data-dependent there: a graph cannot branch on it, but can assert it at run time.
@@ -139,13 +134,8 @@ class LSTM(nn.LSTM):
                     "Input and parameter tensors are not at the same device, found input tensor at "
                     f"{input.device} and parameter tensor at {weight.device}"
                 )
-        autocast = _autocast_dtype(input)
-        if autocast is not None:  # autocast casts what it may; nn.LSTM's first GEMM then meets the rest
-            x_dtype, w_dtype = (_autocast_target(t.dtype, autocast) for t in (input, self._flat_weights[0]))
-            if x_dtype != w_dtype:
-                raise RuntimeError(
-                    f"mat1 and mat2 must have the same dtype, but got {_aten_name(x_dtype)} and {_aten_name(w_dtype)}"
-                )
+        if _autocast_dtype(input) is not None:  # autocast casts what it may; the first GEMM meets the rest
+            _check_first_gemm_dtypes(input, self._flat_weights[0])
             return
         for name, state in zip(("hx[0] (h_0)", "hx[1] (c_0)"), hx):
             if state.dtype != input.dtype:
@@ -215,8 +205,8 @@ class LSTMCell(nn.LSTMCell):
             _cast(input.unsqueeze(0), dtype), *(_cast(t, dtype) for t in (*hx, *weights))
         )
         h_1 = output[0]
-        if dtype is not None:  # nn.LSTMCell's cell update promotes to c_0's dtype
-            h_1, c_1 = (t.to(torch.promote_types(dtype, hx[1].dtype)) for t in (h_1, c_1))
+        if dtype is not None:
+            h_1, c_1 = _promoted_to_cell_state((h_1, c_1), dtype, hx[1])
         if not is_batched:
             return h_1.squeeze(0), c_1.squeeze(0)
         return h_1, c_1
@@ -245,10 +235,7 @@ class LSTMCell(nn.LSTMCell):
         if not check_dtypes:
             return
         for mat1, mat2 in ((input, w_ih), (hx[0], w_hh)):
-            if mat1.dtype != mat2.dtype:
-                raise RuntimeError(
-                    f"mat1 and mat2 must have the same dtype, but got {_dtype_name(mat1)} and {_dtype_name(mat2)}"
-                )
+            _check_matmul_dtypes(mat1.dtype, mat2.dtype)
         if hx[1].dtype != input.dtype:
             raise RuntimeError(f"LSTMCell: hx[1] (c_0) has dtype {hx[1].dtype} but the input has dtype {input.dtype}")
 
@@ -285,9 +272,23 @@ def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
     return t if t is None or dtype is None else t.to(_autocast_target(t.dtype, dtype))
 
 
-def _dtype_name(t: Tensor) -> str:
-    """ATen's name for a dtype, as its matmul errors print it (Float, Double, Half, Long, ComplexFloat)."""
-    return _aten_name(t.dtype)
+def _check_matmul_dtypes(mat1: torch.dtype, mat2: torch.dtype) -> None:
+    """ATen's matmul refusal of operands of different dtypes, with its message (Float, Half, Long, ...)."""
+    if mat1 != mat2:
+        raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {_aten_name(mat1)} and {_aten_name(mat2)}")
+
+
+def _check_first_gemm_dtypes(input: Tensor, w_ih: Tensor) -> None:
+    """nn.LSTM's first GEMM, input W_ih^T, on the dtypes autocast (if on) leaves them."""
+    autocast = _autocast_dtype(input)
+    _check_matmul_dtypes(*(t.dtype if autocast is None else _autocast_target(t.dtype, autocast) for t in (input, w_ih)))
+
+
+def _promoted_to_cell_state(results: tuple[Tensor, ...], dtype: torch.dtype, c_0: Tensor) -> tuple[Tensor, ...]:
+    """Results computed in autocast's `dtype`, as nn.LSTM's op-by-op paths return them under autocast: their
+    cell update promotes to c_0's dtype."""
+    target = torch.promote_types(dtype, c_0.dtype)
+    return tuple(t.to(target) for t in results)
 
 
 def convert(module: nn.Module) -> nn.Module:

@@ -5,7 +5,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <omp.h>
 #include <torch/library.h>
 
@@ -206,13 +205,16 @@ template <typename S>
 at::Tensor tiled_input_gates(const at::Tensor& x_rows, const at::Tensor& w_ih, const std::optional<at::Tensor>& b_ih,
                              const std::optional<at::Tensor>& b_hh) {
   const int64_t rows = x_rows.size(0), gates = w_ih.size(0), input = w_ih.size(1);
-  at::Tensor out = b_ih.has_value() ? b_ih->add(*b_hh).expand({rows, gates}).contiguous()
-                                    : at::zeros({rows, gates}, x_rows.options());
-  if (rows > 0 && input > 0) {  // the BLAS refuses a leading dimension of 0
-    const at::Tensor x = x_rows.contiguous(), w = w_ih.contiguous();
-    tiled_gemm<S>(rows, gates, input, x.const_data_ptr<S>(), input, w.const_data_ptr<S>(), input,
-                  /*trans_b=*/true, S(1), out.data_ptr<S>(), gates);
+  if (rows == 0 || input == 0) {  // the BLAS refuses a leading dimension of 0; x W_ih^T is all zeros here
+    return aten_input_gates(x_rows, w_ih, b_ih, b_hh);
   }
+  // With a bias, C starts as it and the GEMM adds to it (beta 1); without, the GEMM writes C (beta 0).
+  const bool bias = b_ih.has_value();
+  at::Tensor out = bias ? b_ih->add(*b_hh).expand({rows, gates}).contiguous()
+                         : at::empty({rows, gates}, x_rows.options());
+  const at::Tensor x = x_rows.contiguous(), w = w_ih.contiguous();
+  tiled_gemm<S>(rows, gates, input, x.const_data_ptr<S>(), input, w.const_data_ptr<S>(), input, /*trans_b=*/true,
+                bias ? S(1) : S(0), out.data_ptr<S>(), gates);
   return out;
 }
 
@@ -244,7 +246,8 @@ class StepGemm {
     if (b == nullptr) {
       return;
     }
-    const bool any_small = std::any_of(schedule.begin(), schedule.end(), [](const Step& s) { return s.rows <= kMaxSmallRows; });
+    const bool any_small =
+        std::any_of(schedule.begin(), schedule.end(), [](const Step& s) { return s.rows <= kMaxSmallRows; });
     if (any_small && used_for != StepRows::kLargeOnly) {
       pack_panels();
     }
@@ -494,27 +497,29 @@ int64_t largest_step_dimension(const at::Tensor& w_hh, const at::Tensor& state) 
   return std::max({w_hh.size(0), w_hh.size(1), state.size(0)});
 }
 
+// blas_path(S{}) for float and double where the BLAS takes GEMMs of dimensions up to `largest`; fallback()
+// otherwise (float16, bfloat16, or no BLAS).
+template <typename BlasPath, typename Fallback>
+auto with_blas(at::ScalarType dtype, int64_t largest, const BlasPath& blas_path, const Fallback& fallback) {
+  if (dtype == at::kFloat && blas::available<float>(largest)) {
+    return blas_path(float{});
+  }
+  if (dtype == at::kDouble && blas::available<double>(largest)) {
+    return blas_path(double{});
+  }
+  return fallback();
+}
+
 // The Backend policy of layer.h for the CPU.
 struct CpuBackend {
   // float and double in fixed tiles, so that outputs do not depend on the thread count; ATen otherwise.
   static at::Tensor input_gates(const at::Tensor& x_rows, const at::Tensor& w_ih,
                                 const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
-    const int64_t largest = std::max(w_ih.size(0), w_ih.size(1));
-    switch (x_rows.scalar_type()) {
-      case at::kFloat:
-        if (blas::available<float>(largest)) {
-          return tiled_input_gates<float>(x_rows, w_ih, b_ih, b_hh);
-        }
-        break;
-      case at::kDouble:
-        if (blas::available<double>(largest)) {
-          return tiled_input_gates<double>(x_rows, w_ih, b_ih, b_hh);
-        }
-        break;
-      default:
-        break;
-    }
-    return aten_input_gates(x_rows, w_ih, b_ih, b_hh);
+    const int64_t largest = std::max({w_ih.size(0), w_ih.size(1), row_tile(x_rows.size(0))});
+    return with_blas(
+        x_rows.scalar_type(), largest,
+        [&](auto s) { return tiled_input_gates<decltype(s)>(x_rows, w_ih, b_ih, b_hh); },
+        [&] { return aten_input_gates(x_rows, w_ih, b_ih, b_hh); });
   }
 
   static std::unique_ptr<ForwardStepper> make_forward_stepper(const ForwardBuffers& b,
@@ -530,22 +535,10 @@ struct CpuBackend {
  private:
   template <class Base, template <typename> class Blas, class Aten, class Buffers>
   static std::unique_ptr<Base> make(const Buffers& b, const at::Tensor& state, const std::vector<Step>& schedule) {
-    const int64_t largest = largest_step_dimension(b.w_hh, state);
-    switch (b.gates.scalar_type()) {
-      case at::kFloat:
-        if (blas::available<float>(largest)) {
-          return std::make_unique<Blas<float>>(b, schedule);
-        }
-        break;
-      case at::kDouble:
-        if (blas::available<double>(largest)) {
-          return std::make_unique<Blas<double>>(b, schedule);
-        }
-        break;
-      default:
-        break;
-    }
-    return std::make_unique<Aten>(b);
+    return with_blas(
+        b.gates.scalar_type(), largest_step_dimension(b.w_hh, state),
+        [&](auto s) -> std::unique_ptr<Base> { return std::make_unique<Blas<decltype(s)>>(b, schedule); },
+        [&]() -> std::unique_ptr<Base> { return std::make_unique<Aten>(b); });
   }
 };
 
