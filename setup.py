@@ -82,7 +82,7 @@ cpu_capability_libraries = [
     for name, flags in CPU_CAPABILITY_FLAGS.items()
 ]
 capability_sources = {lib[1]["sources"][0] for lib in cpu_capability_libraries}
-cpp_sources = [os.path.join(CSRC, "layer.cpp")] + sorted(
+cpp_sources = [os.path.join(CSRC, "layer.cpp"), os.path.join(CSRC, "autograd.cpp")] + sorted(
     src for src in glob.glob(os.path.join(CSRC, "cpu", "*.cpp")) if src not in capability_sources
 )
 # -fopenmp: at::parallel_for is an inline template whose `#pragma omp parallel` is silently serial without it.

@@ -227,6 +227,13 @@ TORCH_LIBRARY(fused_lstm, m) {
       "Tensor output, Tensor gates, Tensor cells) "
       "-> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
       "Tensor grad_bias, Tensor grad_w_hr)");
+  // The gradients of lstm_layer_forward as differentiable tensors (double backward), by a recomputation with
+  // ATen ops: fused_lstm/ops.py implements it (CompositeImplicitAutograd), csrc/autograd.cpp calls it. Returns
+  // the gradients of x, h0, c0, w_ih, w_hh, b_ih, b_hh and w_hr, empty where needs_input_grad is false.
+  m.def(
+      "lstm_layer_recompute_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor h0, "
+      "Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, "
+      "bool reverse, bool[] needs_input_grad) -> Tensor[]");
 }
 
 }  // namespace fused_lstm

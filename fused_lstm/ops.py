@@ -6,8 +6,9 @@ The ops themselves are C++ (csrc/), registered as ``torch.ops.fused_lstm.*`` whe
   backward needs (activated gates and cell states).
 * ``lstm_layer_backward``: its gradients, with the weight gradients as single GEMMs over all steps.
 
-Double backward (``create_graph=True``) recomputes the layer with differentiable ATen ops instead: it is rare,
-and that keeps one hand-written backward.
+Their autograd is C++ (csrc/autograd.cpp). Double backward (``create_graph=True``) recomputes the layer with
+differentiable ATen ops instead (``lstm_layer_recompute_backward``, implemented here): it is rare, and that
+keeps one hand-written backward.
 """
 
 from __future__ import annotations
@@ -48,8 +49,11 @@ def lstm_layer(
     if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
         output, h_n, c_n, _, _ = _FunctorchLayer.apply(*args)
     else:
-        output, h_n, c_n, _, _ = torch.ops.fused_lstm.lstm_layer_forward(*args)
+        output, h_n, c_n, _, _ = _forward(*args)
     return output, h_n, c_n
+
+
+_forward = torch.ops.fused_lstm.lstm_layer_forward.default
 
 
 @torch.library.register_fake("fused_lstm::lstm_layer_forward")
@@ -162,70 +166,64 @@ def _backward_fake(
     )
 
 
-def _setup_context(ctx, inputs, output):
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse = inputs
-    out, _, _, gates, cells = output
-    ctx.mark_non_differentiable(gates, cells)
-    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, out, gates, cells)
-    ctx.reverse = reverse
-
-
-def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, out, gates, cells = ctx.saved_tensors
-    inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable themselves
-        return _differentiable_backward(ctx, inputs, batch_sizes, (grad_output, grad_h_n, grad_c_n))
-    grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = torch.ops.fused_lstm.lstm_layer_backward(
-        grad_output, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, ctx.reverse, b_ih is not None,
-        out, gates, cells,
-    )
-    has_bias = b_ih is not None
-    return (
-        grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh,
-        grad_bias if has_bias else None, grad_bias if has_bias else None,
-        grad_w_hr if w_hr is not None else None,
-        None, None,
-    )  # fmt: skip
-
-
-torch.library.register_autograd("fused_lstm::lstm_layer_forward", _backward, setup_context=_setup_context)
-
-
 class _FunctorchLayer(torch.autograd.Function):
-    """The same autograd as an autograd.Function, for torch.func transforms (grad, vjp, jacrev, vmap).
-
-    The Function that register_autograd generates has no setup_context staticmethod, and torch.func refuses
-    such Functions ("it must override the setup_context staticmethod"), so lstm_layer takes this route when a
-    transform is active. vmap runs the op once per batch entry (PyTorch's batched fallback).
-    """
+    """The op's autograd again, in Python, for torch.func transforms (grad, vjp, jacrev, vmap), which refuse a
+    C++ torch::autograd::Function (csrc/autograd.cpp). Same saved tensors and gradients; vmap runs the op once
+    per batch entry (PyTorch's batched fallback)."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(*args):
-        return torch.ops.fused_lstm.lstm_layer_forward(*args)
+        with torch._C._AutoDispatchBelowAutograd():  # past the C++ autograd kernel, which would refuse
+            return _forward(*args)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs, output)
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse = inputs
+        out, _, _, gates, cells = output
+        ctx.mark_non_differentiable(gates, cells)
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, out, gates, cells)
+        ctx.reverse = reverse
 
     @staticmethod
-    def backward(ctx, *grads):
-        return _backward(ctx, *grads)
-
-
-def _differentiable_backward(ctx, inputs, batch_sizes, grad_outputs):
-    """The gradients by autograd through a recomputation of the layer with ATen ops (double backward)."""
-    wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
-    with torch.enable_grad():
-        outputs = reference_lstm_layer(*inputs, batch_sizes=batch_sizes, reverse=ctx.reverse)
-        grads = torch.autograd.grad(
-            outputs, [inputs[i] for i in wanted], grad_outputs, create_graph=True, allow_unused=True
+    def backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, out, gates, cells = ctx.saved_tensors
+        grads = (grad_output, grad_h_n, grad_c_n)
+        if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable themselves
+            needed = ctx.needs_input_grad[:8]
+            result = _recompute_backward(*grads, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, ctx.reverse,
+                                         needed)  # fmt: skip
+            return (*(g if need else None for g, need in zip(result, needed)), None, None)
+        has_bias, has_projection = b_ih is not None, w_hr is not None
+        grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = torch.ops.fused_lstm.lstm_layer_backward(
+            *grads, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, ctx.reverse, has_bias, out, gates, cells
         )
-    result = [None] * (len(inputs) + 2)  # + batch_sizes, reverse
+        bias = grad_bias if has_bias else None
+        return (grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, bias, bias, grad_w_hr if has_projection else None,
+                None, None)  # fmt: skip
+
+
+def _recompute_backward(
+    grad_output, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, needs_input_grad
+):
+    """Double backward's gradients (csrc/autograd.cpp calls this under create_graph=True): autograd through a
+    recomputation of the layer with ATen ops, itself recorded by autograd. Empty where not needed."""
+    inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    wanted = [i for i, t in enumerate(inputs) if t is not None and needs_input_grad[i]]
+    with torch.enable_grad():
+        outputs = reference_lstm_layer(*inputs, batch_sizes=batch_sizes, reverse=reverse)
+        grads = torch.autograd.grad(
+            outputs, [inputs[i] for i in wanted], (grad_output, grad_h_n, grad_c_n), create_graph=True,
+            allow_unused=True,
+        )  # fmt: skip
+    result = [x.new_empty(0)] * len(inputs)
     for i, grad in zip(wanted, grads):
         result[i] = grad if grad is not None else torch.zeros_like(inputs[i])
-    return tuple(result)
+    return result
+
+
+torch.library.impl("fused_lstm::lstm_layer_recompute_backward", "CompositeImplicitAutograd")(_recompute_backward)
 
 
 def reference_lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, batch_sizes=None, reverse=False):
