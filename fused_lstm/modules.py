@@ -23,15 +23,22 @@ class LSTM(nn.LSTM):
     """Drop-in for :class:`torch.nn.LSTM` (same arguments, parameters, inputs, outputs and errors)."""
 
     def forward(self, input, hx=None):
-        self._update_flat_weights()
         if not isinstance(self.bidirectional, bool):  # nn.LSTM stores it unchecked; its C++ op then refuses it
             raise TypeError(f"lstm() received an invalid combination of arguments - bidirectional must be a bool, "
                             f"got {type(self.bidirectional).__name__}")
         if isinstance(input, PackedSequence):
-            return self._forward_packed(input, hx)
-        return self._forward_dense(input, hx)
+            return self._forward_packed(input, hx, self._weights())
+        return self._forward_dense(input, hx, self._weights())
 
-    def _forward_dense(self, input: Tensor, hx):
+    def _weights(self) -> list[Tensor]:
+        """The current weights in nn.LSTM's _flat_weights order. nn.LSTM refreshes _flat_weights when a weight
+        object changed, checking each against a weak reference (17 us a call for one layer, measured); reading
+        them is cheaper. A parametrized weight (torch.nn.utils.parametrize) is not in _parameters, and is
+        computed by its getattr."""
+        params = self._parameters
+        return [params[name] if name in params else getattr(self, name) for name in self._flat_weights_names]
+
+    def _forward_dense(self, input: Tensor, hx, weights: list[Tensor]):
         if input.dim() not in (2, 3):
             raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
         is_batched = input.dim() == 3
@@ -54,19 +61,20 @@ class LSTM(nn.LSTM):
                 )
             hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
         self.check_forward_args(input, hx, None)
-        self._check_state_and_parameters(input, hx)
+        autocast = _autocast_dtype(input)
+        self._check_state_and_parameters(input, hx, weights, autocast)
         if input.size(1 - batch_dim) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
         time_major = input.transpose(0, 1) if self.batch_first else input
-        output, h_n, c_n = self._run_layers(time_major, None, hx)
+        output, h_n, c_n = self._run_layers(time_major, None, hx, weights, autocast)
         if self.batch_first:
             output = output.transpose(0, 1)
         if not is_batched:
             return output.squeeze(batch_dim), (h_n.squeeze(1), c_n.squeeze(1))
         return output, (h_n, c_n)
 
-    def _forward_packed(self, input: PackedSequence, hx):
+    def _forward_packed(self, input: PackedSequence, hx, weights: list[Tensor]):
         data, batch_sizes, sorted_indices, unsorted_indices = input
         # Read once: under torch.compile the batch is a data-dependent (unbacked) size, and one symbol for it
         # lets the compiler see that the zero state and the op's outputs agree.
@@ -75,10 +83,10 @@ class LSTM(nn.LSTM):
             hx = self._zero_state(data, batch)
         else:
             hx = self.permute_hidden(hx, sorted_indices)
-        self._check_packed(data, batch, hx)
-        self._check_state_and_parameters(data, hx)
-        output, h_n, c_n = self._run_layers(data, batch_sizes, hx)
         autocast = _autocast_dtype(data)
+        self._check_packed(data, batch, hx, weights[0], autocast)
+        self._check_state_and_parameters(data, hx, weights, autocast)
+        output, h_n, c_n = self._run_layers(data, batch_sizes, hx, weights, autocast)
         if autocast is not None and data.device.type == "cpu":  # nn.LSTM's packed CPU path runs op by op
             output, h_n, c_n = _promoted_to_cell_state((output, h_n, c_n), autocast, hx[1])
         packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
@@ -91,7 +99,7 @@ class LSTM(nn.LSTM):
         c = torch.zeros(layers, batch, self.hidden_size, dtype=like.dtype, device=like.device)
         return h, c
 
-    def _check_packed(self, data: Tensor, batch: int, hx) -> None:
+    def _check_packed(self, data: Tensor, batch: int, hx, w_ih: Tensor, autocast: torch.dtype | None) -> None:
         """nn.LSTM makes no Python checks on packed input; these give the errors its C++ path gives, in its
         order: projection sizes (inferred from hx[0].size(2) != hx[1].size(2)), layer count, the input GEMM,
         then the batch size."""
@@ -100,13 +108,12 @@ class LSTM(nn.LSTM):
             raise RuntimeError("got an incorrect number of RNN parameters")
         if h.size(0) < self.num_layers * (2 if self.bidirectional else 1):
             raise RuntimeError("Expected more hidden states in stacked_rnn")
-        w_ih = self._flat_weights[0]
         if data.size(-1) != self.input_size:
             raise RuntimeError(
                 f"mat1 and mat2 shapes cannot be multiplied ({data.size(0)}x{data.size(-1)} and "
                 f"{w_ih.size(1)}x{w_ih.size(0)})"
             )
-        _check_first_gemm_dtypes(data, w_ih)
+        _check_first_gemm_dtypes(data, w_ih, autocast)
         for state in (h, c):
             if torch.compiler.is_compiling():
                 # The batch is data-dependent there: a graph cannot branch on it, but can assert it at run time.
@@ -117,7 +124,7 @@ class LSTM(nn.LSTM):
                     "at non-singleton dimension 0"
                 )
 
-    def _check_state_and_parameters(self, input: Tensor, hx) -> None:
+    def _check_state_and_parameters(self, input: Tensor, hx, weights: list[Tensor], autocast: torch.dtype | None) -> None:
         """What nn.LSTM's C++ checks, with its messages; and the dtype of hx, where its messages are accidents
         of the backend (CONTRACT.md 3.3), with one that names the tensor."""
         if len(hx) != 2:
@@ -128,36 +135,38 @@ class LSTM(nn.LSTM):
                     "Input and hidden tensors are not at the same device, found input tensor at "
                     f"{input.device} and hidden tensor at {state.device}"
                 )
-        for weight in self._flat_weights:
+        for weight in weights:
             if weight.device != input.device:
                 raise RuntimeError(
                     "Input and parameter tensors are not at the same device, found input tensor at "
                     f"{input.device} and parameter tensor at {weight.device}"
                 )
-        if _autocast_dtype(input) is not None:  # autocast casts what it may; the first GEMM meets the rest
-            _check_first_gemm_dtypes(input, self._flat_weights[0])
+        if autocast is not None:  # autocast casts what it may; the first GEMM meets the rest
+            _check_first_gemm_dtypes(input, weights[0], autocast)
             return
         for name, state in zip(("hx[0] (h_0)", "hx[1] (c_0)"), hx):
             if state.dtype != input.dtype:
                 raise RuntimeError(f"LSTM: {name} has dtype {state.dtype} but the input has dtype {input.dtype}")
 
-    def _layer_weights(self, index: int, dtype: torch.dtype | None) -> list[Tensor | None]:
-        """w_ih, w_hh, b_ih, b_hh, w_hr of the layer-direction `index` (layer * D + direction), cast to
-        `dtype` if given."""
-        per_layer = len(self._flat_weights) // (self.num_layers * (2 if self.bidirectional else 1))
-        w_ih, w_hh, *rest = self._flat_weights[index * per_layer : (index + 1) * per_layer]
+    def _layer_weights(self, weights: list[Tensor], index: int, dtype: torch.dtype | None) -> list[Tensor | None]:
+        """w_ih, w_hh, b_ih, b_hh, w_hr of the layer-direction `index` (layer * D + direction) among `weights`,
+        cast to `dtype` if given."""
+        per_layer = len(weights) // (self.num_layers * (2 if self.bidirectional else 1))
+        w_ih, w_hh, *rest = weights[index * per_layer : (index + 1) * per_layer]
         b_ih, b_hh = rest[:2] if self.bias else (None, None)
         w_hr = rest[-1] if self.proj_size > 0 else None
         return [_cast(w, dtype) for w in (w_ih, w_hh, b_ih, b_hh, w_hr)]
 
-    def _run_layers(self, x: Tensor, batch_sizes: Tensor | None, hx) -> tuple[Tensor, Tensor, Tensor]:
-        """x: [T, B, I] or packed [N, I]; hx: ([L*D, B, Hout], [L*D, B, H]) -> output, h_n, c_n.
+    def _run_layers(
+        self, x: Tensor, batch_sizes: Tensor | None, hx, weights: list[Tensor], dtype: torch.dtype | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """x: [T, B, I] or packed [N, I]; hx: ([L*D, B, Hout], [L*D, B, H]); weights: _weights(); dtype:
+        autocast's, or None -> output, h_n, c_n.
 
         Dropout follows every layer but the last, in training, drawn as F.dropout draws it (so a seed gives
         nn.LSTM's masks); h_n and c_n are taken before it.
         """
         directions = 2 if self.bidirectional else 1
-        dtype = _autocast_dtype(x)
         h0, c0 = _cast(hx[0], dtype), _cast(hx[1], dtype)
         h_n, c_n = [], []
         layer_input = _cast(x, dtype)
@@ -166,7 +175,7 @@ class LSTM(nn.LSTM):
             for direction in range(directions):
                 index = layer * directions + direction
                 output, h, c = lstm_layer(
-                    layer_input, h0[index], c0[index], *self._layer_weights(index, dtype),
+                    layer_input, h0[index], c0[index], *self._layer_weights(weights, index, dtype),
                     batch_sizes=batch_sizes, reverse=direction == 1,
                 )  # fmt: skip
                 outputs.append(output)
@@ -175,6 +184,8 @@ class LSTM(nn.LSTM):
             layer_input = outputs[0] if directions == 1 else torch.cat(outputs, -1)
             if self.dropout != 0 and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
+        if len(h_n) == 1:  # cheaper than a stack of one
+            return layer_input, h_n[0].unsqueeze(0), c_n[0].unsqueeze(0)
         return layer_input, torch.stack(h_n), torch.stack(c_n)
 
 
@@ -278,9 +289,8 @@ def _check_matmul_dtypes(mat1: torch.dtype, mat2: torch.dtype) -> None:
         raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {_aten_name(mat1)} and {_aten_name(mat2)}")
 
 
-def _check_first_gemm_dtypes(input: Tensor, w_ih: Tensor) -> None:
-    """nn.LSTM's first GEMM, input W_ih^T, on the dtypes autocast (if on) leaves them."""
-    autocast = _autocast_dtype(input)
+def _check_first_gemm_dtypes(input: Tensor, w_ih: Tensor, autocast: torch.dtype | None) -> None:
+    """nn.LSTM's first GEMM, input W_ih^T, on the dtypes autocast (the dtype it runs in, or None) leaves them."""
     _check_matmul_dtypes(*(t.dtype if autocast is None else _autocast_target(t.dtype, autocast) for t in (input, w_ih)))
 
 
