@@ -207,19 +207,26 @@ class _FunctorchLayer(torch.autograd.Function):
 def _recompute_backward(
     grad_output, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, needs_input_grad
 ):
-    """Double backward's gradients (csrc/autograd.cpp calls this under create_graph=True): autograd through a
-    recomputation of the layer with ATen ops, itself recorded by autograd. Empty where not needed."""
+    """Differentiable gradients of the layer (double backward; csrc/autograd.cpp calls this under
+    create_graph=True): the vector-Jacobian product of a recomputation with ATen ops, by torch.func.vjp, which
+    autograd records, and which also composes with torch.func transforms around it (torch.autograd.grad on
+    the recomputation did not: under torch.func.vjp and jacrev its inputs were not tracked). Empty where not
+    needed."""
     inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     wanted = [i for i, t in enumerate(inputs) if t is not None and needs_input_grad[i]]
-    with torch.enable_grad():
-        outputs = reference_lstm_layer(*inputs, batch_sizes=batch_sizes, reverse=reverse)
-        grads = torch.autograd.grad(
-            outputs, [inputs[i] for i in wanted], (grad_output, grad_h_n, grad_c_n), create_graph=True,
-            allow_unused=True,
-        )  # fmt: skip
     result = [x.new_empty(0)] * len(inputs)
-    for i, grad in zip(wanted, grads):
-        result[i] = grad if grad is not None else torch.zeros_like(inputs[i])
+    if not wanted:
+        return result
+
+    def layer(*values):
+        args = list(inputs)
+        for i, value in zip(wanted, values):
+            args[i] = value
+        return reference_lstm_layer(*args, batch_sizes=batch_sizes, reverse=reverse)
+
+    _, vjp = torch.func.vjp(layer, *(inputs[i] for i in wanted))
+    for i, grad in zip(wanted, vjp((grad_output, grad_h_n, grad_c_n))):
+        result[i] = grad
     return result
 
 

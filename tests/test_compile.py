@@ -217,6 +217,31 @@ def test_func_grad_matches_autograd():
         torch.testing.assert_close(grads[name], e, atol=1e-12, rtol=0)
 
 
+def test_func_vjp_and_jacrev_match_autograd():
+    # Both ran the layer's gradient with torch.func tracking around it; a recomputation differentiated with
+    # torch.autograd.grad inside failed there ("element 0 of tensors does not require grad").
+    torch.manual_seed(0)
+    module = fused_lstm.LSTM(3, 4, proj_size=2, dtype=torch.float64)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    w = module.weight_hh_l0.detach()
+
+    def outputs(w_hh):
+        return torch.func.functional_call(module, {"weight_hh_l0": w_hh}, (x,))[0]
+
+    cotangent = torch.randn(5, 2, 2, dtype=torch.float64)
+    (vjp,) = torch.func.vjp(outputs, w)[1](cotangent)
+    jacobian = torch.func.jacrev(outputs)(w)
+    w_leaf = w.clone().requires_grad_()
+    out = outputs(w_leaf)
+    (expected_vjp,) = torch.autograd.grad(out, w_leaf, cotangent, retain_graph=True)
+    torch.testing.assert_close(vjp, expected_vjp, atol=1e-12, rtol=0)
+    one_output = torch.zeros_like(out)
+    one_output[4, 1, 0] = 1  # a row of the Jacobian: d out[4, 1, 0] / d w_hh
+    (expected_row,) = torch.autograd.grad(out, w_leaf, one_output)
+    torch.testing.assert_close(jacobian[4, 1, 0], expected_row, atol=1e-12, rtol=0)
+    assert expected_row.abs().sum() > 0
+
+
 @pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented the batching")
 def test_vmap_over_an_ensemble_matches_each_member():
     torch.manual_seed(0)
