@@ -202,6 +202,32 @@ def test_export_runs_and_matches_eager():
         torch.testing.assert_close(exported.module()(x), model(x), atol=1e-12, rtol=0)
 
 
+def test_compiled_backward_runs_the_fused_backward_op():
+    # The autograd's backward recomputes the layer with ATen ops when grad mode is on in backward (double
+    # backward); AOTAutograd traces backward without it, so the compiled backward must hold the fused op.
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    graphs = {}
+
+    def backend(gm, example_inputs):
+        def compiler(kind):
+            def compile_graph(graph, _inputs):
+                graphs[kind] = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
+                return make_boxed_func(graph.forward)
+
+            return compile_graph
+
+        return aot_module_simplified(gm, example_inputs, fw_compiler=compiler("fw"), bw_compiler=compiler("bw"))
+
+    module = fused_lstm.LSTM(4, 5)
+    x = torch.randn(3, 2, 4, requires_grad=True)
+    out, _ = fused_lstm.compile(module, backend=backend, fullgraph=True)(x)
+    out.sum().backward()
+    assert "fused_lstm.lstm_layer_forward.default" in graphs["fw"]
+    assert "fused_lstm.lstm_layer_backward.default" in graphs["bw"]
+
+
 def test_func_grad_matches_autograd():
     torch.manual_seed(0)
     module = fused_lstm.LSTM(3, 4, num_layers=2, proj_size=2, dtype=torch.float64)
