@@ -220,6 +220,29 @@ def test_double_backward_of_one_parameter_without_biases_matches_nn_lstm(wanted)
     torch.testing.assert_close(actual, expected, **TOLERANCE[torch.float64])
 
 
+@pytest.mark.parametrize("mode", ["checkpoint", "checkpoint-reentrant", "save_on_cpu"])
+def test_activation_checkpointing_and_saved_tensor_hooks_match_nn_lstm(mode):
+    # Both act on what the autograd saves (saved-tensor hooks; a reentrant checkpoint reruns the forward).
+    ref, ours = pair()
+    ref.double()
+    ours.double()
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+
+    def gradients(m):
+        x.grad = None
+        m.zero_grad()
+        if mode == "save_on_cpu":
+            with torch.autograd.graph.save_on_cpu():
+                out = m(x)[0]
+        else:
+            out = torch.utils.checkpoint.checkpoint(lambda t: m(t)[0], x, use_reentrant=mode.endswith("reentrant"))
+        out.pow(2).sum().backward()
+        return [x.grad, *(p.grad for p in m.parameters())]
+
+    for e, a in zip(gradients(ref), gradients(ours), strict=True):
+        torch.testing.assert_close(a, e, **TOLERANCE[torch.float64])
+
+
 def test_convert_swaps_in_place_and_keeps_parameters():
     model = nn.Sequential(nn.Linear(3, 3), nn.LSTM(3, 4), nn.ModuleList([nn.LSTMCell(4, 4)]))
     params_before = list(model.parameters())
