@@ -163,12 +163,12 @@ int64_t uniform_rows(const std::vector<Step>& schedule) {
 constexpr int64_t kRowTiles = 8;
 constexpr int64_t kMinRowTile = 64;
 
-int64_t row_tile(int64_t rows) {
-  return std::max(kMinRowTile, (rows + kRowTiles - 1) / kRowTiles);
-}
-
 int64_t tile_count(int64_t extent, int64_t tile) {
   return (extent + tile - 1) / tile;
+}
+
+int64_t row_tile(int64_t rows) {
+  return std::max(kMinRowTile, tile_count(rows, kRowTiles));
 }
 
 // The per-step GEMMs' column tiles: 64 to 256 columns, and at least two of them where n allows, so that the
@@ -298,7 +298,7 @@ class StepGemm {
   }
 
   void pack_panels() {
-    const int64_t count = (n_ + kPanel - 1) / kPanel;
+    const int64_t count = tile_count(n_, kPanel);
     panels_.assign(count * k_ * kPanel, S(0));
     for (int64_t p = 0; p < count; ++p) {
       const int64_t width = std::min(kPanel, n_ - p * kPanel);
@@ -409,7 +409,7 @@ class BlasForwardStepper final : public ForwardStepper {
 #pragma omp parallel num_threads(threads_)
     {
       const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
-      const int64_t blocks = (H + kAlign - 1) / kAlign;
+      const int64_t blocks = tile_count(H, kAlign);
       const int64_t j0 = std::min(H, t * blocks / threads * kAlign);
       const int64_t j1 = std::min(H, (t + 1) * blocks / threads * kAlign);
       if (j0 < j1) {
