@@ -264,9 +264,10 @@ class StepGemm {
   }
 
   // C[rows, :] for all columns: small batches on this thread, larger ones in column tiles over threads.
-  void operator()(int64_t rows, const S* a, S* c, int64_t ldc) const {
+  // last_panel_first: for small batches, visit the packed panels from the last to the first (AlternatingSweep).
+  void operator()(int64_t rows, const S* a, S* c, int64_t ldc, bool last_panel_first = false) const {
     if (rows <= kMaxSmallRows) {
-      columns(rows, 0, n_, a, c, ldc);
+      columns(rows, 0, n_, a, c, ldc, last_panel_first);
       return;
     }
     for_each_tile(tiles(), [&](int64_t index) { tile(index, rows, a, c, ldc); });
@@ -274,10 +275,12 @@ class StepGemm {
 
   // C[rows, j0 : j1], on this thread (inside a parallel region, or under blas::SingleThreaded); j0 must be a
   // multiple of kPanel.
-  void columns(int64_t rows, int64_t j0, int64_t j1, const S* a, S* c, int64_t ldc) const {
+  void columns(int64_t rows, int64_t j0, int64_t j1, const S* a, S* c, int64_t ldc,
+               bool last_panel_first = false) const {
     if (rows <= kMaxSmallRows) {
-      small_(SmallGemm<S>{j1 - j0, k_, a, panels_.data() + (j0 / kPanel) * k_ * kPanel, c + j0, ldc, accumulate_}, 0,
-             rows);
+      small_(SmallGemm<S>{j1 - j0, k_, a, panels_.data() + (j0 / kPanel) * k_ * kPanel, c + j0, ldc, accumulate_,
+                          last_panel_first},
+             0, rows);
     } else {
       blas::row_major_gemm<S>(rows, j1 - j0, k_, a, k_, b_ + j0, ldb_, accumulate_ ? S(1) : S(0), c + j0, ldc);
     }
@@ -314,6 +317,23 @@ class StepGemm {
   decltype(small_gemm_loop<S>()) small_;
   std::vector<S> panels_;
   std::vector<std::unique_ptr<blas::PackedWeight>> packed_;  // one per column tile, for rows = packed_[0]->m()
+};
+
+// The direction in which a stepper's small batches read the packed weights, reversed at every step. They are
+// streamed from L2 each step (64 KB for H = 64 in float, against a 48 KB L1): read in the same order every
+// step, each read evicts what the next needs soon; alternating, a step starts on the panels the previous one
+// read last, still in L1. Measured on one [1, 64] x [64, 256] product: 1.7 us a step, 1.1 alternating; in the
+// ops at T=500, B=1, H=64 on one thread, forward 6-14% and backward 8-10% faster; no change at H=32, 96, 128.
+class AlternatingSweep {
+ public:
+  // True where this step visits the panels (and a stepper its GEMMs) from the last to the first.
+  bool next() {
+    last_first_ = !last_first_;
+    return last_first_;
+  }
+
+ private:
+  bool last_first_ = true;
 };
 
 // weight [r, c] -> its transpose [c, r], contiguous: MKL's transpose, else cache-sized tiles (ATen's strided
@@ -390,8 +410,10 @@ class BlasForwardStepper final : public ForwardStepper {
   void add_recurrent(int64_t rows, S* gates) {
     const int64_t H = w_.hidden;
     if (rows <= StepGemm<S>::kMaxSmallRows) {
-      for (int64_t gate = 0; gate < 4; ++gate) {
-        recurrent_[gate](rows, h_state_, gates + gate * H, 4 * H);
+      const bool last_first = sweep_.next();
+      for (int64_t visit = 0; visit < 4; ++visit) {
+        const int64_t gate = last_first ? 3 - visit : visit;
+        recurrent_[gate](rows, h_state_, gates + gate * H, 4 * H, last_first);
       }
       return;
     }
@@ -440,6 +462,7 @@ class BlasForwardStepper final : public ForwardStepper {
   std::vector<StepGemm<S>> recurrent_;  // gates[:, g] += h W_hh^T[:, g], per gate g (small batches)
   StepGemm<S> projection_;              // output = h W_hr^T
   StepGemm<S> all_gates_;               // gates += h W_hh^T, past the small batches
+  AlternatingSweep sweep_;              // recurrent_'s order, small batches on one thread
   int threads_ = at::get_num_threads();
 };
 
@@ -472,7 +495,7 @@ class BlasBackwardStepper final : public BackwardStepper {
     const BackwardPointers<S> p{H, gates_ + step.offset * 4 * H, cells_ + step.offset * H, c_prev_ + step.offset * H,
                                 d_hidden, d_c_state_, d_gates};
     parallel_rows(p, rows, loop_);
-    recurrent_(rows, d_gates, d_h_state_, Hout);
+    recurrent_(rows, d_gates, d_h_state_, Hout, rows <= StepGemm<S>::kMaxSmallRows && sweep_.next());
   }
 
  private:
@@ -490,6 +513,7 @@ class BlasBackwardStepper final : public BackwardStepper {
   decltype(backward_loop<S>()) loop_;
   StepGemm<S> recurrent_;   // dL/dh_{t-1} = d_gates W_hh
   StepGemm<S> projection_;  // dL/d(unprojected h) = dL/dh W_hr
+  AlternatingSweep sweep_;  // recurrent_'s panel order, small batches
 };
 
 // The largest GEMM dimension of a layer call's steps, for blas::available.

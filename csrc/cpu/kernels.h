@@ -51,6 +51,7 @@ struct SmallGemm {
   scalar_t* c;        // [rows, n], row stride ldc
   int64_t ldc;
   bool accumulate;
+  bool last_panel_first;  // visit the panels from the last to the first (the results are the same)
 };
 
 // Declares the kernels of one capability, over rows [row_begin, row_end).

@@ -129,8 +129,11 @@ void small_gemm_block(const SmallGemm<S>& g, int64_t row) {
   constexpr int64_t W = V::size();
   constexpr int64_t P = kSmallGemmPanel<S>;
   constexpr int NV = static_cast<int>(P / W);
-  for (int64_t j = 0; j < g.n; j += P) {
-    const S* panel = g.b + (j / P) * g.k * P;
+  const int64_t panels = (g.n + P - 1) / P;
+  for (int64_t visit = 0; visit < panels; ++visit) {
+    const int64_t index = g.last_panel_first ? panels - 1 - visit : visit;
+    const int64_t j = index * P;
+    const S* panel = g.b + index * g.k * P;
     V acc[KU][R][NV];
     for (int u = 0; u < KU; ++u) {
       for (int r = 0; r < R; ++r) {
@@ -176,6 +179,17 @@ void small_gemm_block(const SmallGemm<S>& g, int64_t row) {
   }
 }
 
+// Rows [row, row_end) of a SmallGemm in blocks of R while R of them remain; advances row past them. Blocks
+// of fewer than 8 accumulators split k: an FMA's latency of 4 cycles on 2 ports needs 8 independent sums.
+template <typename S, int R>
+void rows_in_blocks(const SmallGemm<S>& g, int64_t& row, int64_t row_end) {
+  constexpr int kVectors = static_cast<int>(kSmallGemmPanel<S> / at::vec::Vectorized<S>::size());
+  constexpr int kSplitK = std::max(1, 8 / (R * kVectors));
+  for (; row + R <= row_end; row += R) {
+    small_gemm_block<S, R, kSplitK>(g, row);
+  }
+}
+
 // Full-precision types run on vectors; reduced ones on float scalars.
 template <typename S>
 using MathType = std::conditional_t<std::is_same_v<S, float> || std::is_same_v<S, double>, at::vec::Vectorized<S>,
@@ -195,16 +209,11 @@ void backward_rows(const BackwardPointers<S>& p, int64_t row_begin, int64_t row_
 
 template <typename S>
 void small_gemm_rows(const SmallGemm<S>& g, int64_t row_begin, int64_t row_end) {
-  // Four rows at a time with two vectors a panel row (AVX-512), two with more (AVX2, baseline): at most
-  // eight accumulators, well within the vector registers; the rows left over, one at a time, split k instead.
-  constexpr int kBlock = kSmallGemmPanel<S> / at::vec::Vectorized<S>::size() <= 2 ? 4 : 2;
+  // Two rows at a time, so that each panel row loaded serves both (the batches this kernel gets have one or
+  // two rows: backend.cpp StepGemm), then a last row alone.
   int64_t row = row_begin;
-  for (; row + kBlock <= row_end; row += kBlock) {
-    small_gemm_block<S, kBlock, 1>(g, row);
-  }
-  for (; row < row_end; ++row) {
-    small_gemm_block<S, 1, kBlock>(g, row);
-  }
+  rows_in_blocks<S, 2>(g, row, row_end);
+  rows_in_blocks<S, 1>(g, row, row_end);
 }
 
 template void small_gemm_rows<float>(const SmallGemm<float>&, int64_t, int64_t);
