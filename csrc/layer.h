@@ -2,7 +2,8 @@
 // whole-sequence GEMMs (the input projection before the loop, the weight gradients after it; through ATen, so
 // they run on the inputs' device) and what forward saves for backward. Each step goes to a backend's stepper
 // (step.h): `Backend` has static make_forward_stepper(ForwardBuffers, schedule) and
-// make_backward_stepper(BackwardBuffers, schedule), and the input projection, input_gates (as aten_input_gates).
+// make_backward_stepper(BackwardBuffers, schedule), the input projection, input_gates (as aten_input_gates),
+// and mm (as at::mm) for the whole-sequence GEMMs of backward.
 //
 // Sequences are handled in packed form: x is [N, I] with a batch size per step (a PackedSequence's
 // batch_sizes, non-increasing), and step t owns rows [offset_t, offset_t + batch_sizes[t]). A dense [T, B, I]
@@ -144,11 +145,11 @@ lstm_layer_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, c
   }
 
   const at::Tensor h_prev = previous_states(output.reshape({dims.rows, dims.output}), h0, schedule);
-  at::Tensor grad_x = b.d_gates.mm(w_ih).view(x.sizes());
-  at::Tensor grad_w_ih = b.d_gates.t().mm(x_rows);
-  at::Tensor grad_w_hh = b.d_gates.t().mm(h_prev);
+  at::Tensor grad_x = Backend::mm(b.d_gates, w_ih).view(x.sizes());
+  at::Tensor grad_w_ih = Backend::mm(b.d_gates.t(), x_rows);
+  at::Tensor grad_w_hh = Backend::mm(b.d_gates.t(), h_prev);
   at::Tensor grad_bias = has_bias ? b.d_gates.sum(0) : at::empty({0}, x.options());
-  at::Tensor grad_w_hr = project ? b.d_output_all.t().mm(unprojected_hidden(b.gates, b.cells))
+  at::Tensor grad_w_hr = project ? Backend::mm(b.d_output_all.t(), unprojected_hidden(b.gates, b.cells))
                                  : at::empty({0}, x.options());
   return {grad_x, b.d_h_state, b.d_c_state, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
 }

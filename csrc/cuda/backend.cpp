@@ -21,6 +21,7 @@ struct CudaBackend {
                                 const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
     return aten_input_gates(x_rows, w_ih, b_ih, b_hh);
   }
+  static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) { return a.mm(b); }
   static std::unique_ptr<ForwardStepper> make_forward_stepper(const ForwardBuffers& b, const std::vector<Step>&) {
     return std::make_unique<AtenForwardStepper<CudaCell>>(b);
   }
