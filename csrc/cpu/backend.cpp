@@ -190,14 +190,20 @@ void for_each_tile(int64_t tiles, const Fn& tile) {
   });
 }
 
-// C[m, n] = A[m, k] op(B) + beta C as blas::row_major_gemm, in row blocks fixed by m (above). k must be positive.
+// C[m, n] = A[m, k] op(B) (+ bias[n] on every row, if given) with blas::row_major_gemm, in row blocks fixed by
+// m (above). k must be positive. Each block's rows start as the bias just before its GEMM adds to them
+// (beta 1), while they are in this core's cache: one pass over C fewer than writing all of C first.
 template <typename S>
 void tiled_gemm(int64_t m, int64_t n, int64_t k, const S* a, int64_t lda, const S* b, int64_t ldb, bool trans_b,
-                S beta, S* c, int64_t ldc) {
+                const S* bias, S* c, int64_t ldc) {
   const int64_t tile = row_tile(m);
   for_each_tile(tile_count(m, tile), [&](int64_t index) {
-    const int64_t i0 = index * tile;
-    blas::row_major_gemm<S>(std::min(tile, m - i0), n, k, a + i0 * lda, lda, b, ldb, beta, c + i0 * ldc, ldc, trans_b);
+    const int64_t i0 = index * tile, rows = std::min(tile, m - i0);
+    S* c_tile = c + i0 * ldc;
+    for (int64_t i = 0; bias != nullptr && i < rows; ++i) {
+      std::memcpy(c_tile + i * ldc, bias, sizeof(S) * n);
+    }
+    blas::row_major_gemm<S>(rows, n, k, a + i0 * lda, lda, b, ldb, bias ? S(1) : S(0), c_tile, ldc, trans_b);
   });
 }
 
@@ -209,13 +215,11 @@ at::Tensor tiled_input_gates(const at::Tensor& x_rows, const at::Tensor& w_ih, c
   if (rows == 0 || input == 0) {  // the BLAS refuses a leading dimension of 0; x W_ih^T is all zeros here
     return aten_input_gates(x_rows, w_ih, b_ih, b_hh);
   }
-  // With a bias, C starts as it and the GEMM adds to it (beta 1); without, the GEMM writes C (beta 0).
-  const bool bias = b_ih.has_value();
-  at::Tensor out = bias ? b_ih->add(*b_hh).expand({rows, gates}).contiguous()
-                         : at::empty({rows, gates}, x_rows.options());
+  const at::Tensor bias = b_ih.has_value() ? b_ih->add(*b_hh) : at::Tensor();
+  at::Tensor out = at::empty({rows, gates}, x_rows.options());
   const at::Tensor x = x_rows.contiguous(), w = w_ih.contiguous();
   tiled_gemm<S>(rows, gates, input, x.const_data_ptr<S>(), input, w.const_data_ptr<S>(), input, /*trans_b=*/true,
-                bias ? S(1) : S(0), out.data_ptr<S>(), gates);
+                pointer_or_null<S>(bias), out.data_ptr<S>(), gates);
   return out;
 }
 
