@@ -346,8 +346,12 @@ class AlternatingSweep {
 // 2 threads against 1: a transpose of 256 x 64 floats took 5.9 us against 6.4, but the T=50, B=1, H=64
 // forward it starts took 5-7% longer; of 512 x 128, 14 us against 20. GEMMs of 0.8 M multiply-adds took
 // 20 us against 16; of 6.5 M, 88 against 157.
+// A GEMM with a long inner dimension keeps MKL's threads whatever its size: with m and n small against k (the
+// weight gradients of a long sequence sum over its N rows), they split the sum over k, which also halves its
+// chain of roundings (single-threaded, a float32 weight gradient over 3503 rows moved by 6e-5 relative).
 constexpr int64_t kMinElementsToThreadTranspose = 1 << 16;
 constexpr int64_t kMinMultiplyAddsToThreadGemm = 1 << 21;
+constexpr int64_t kMinInnerToThreadGemm = 1024;
 
 // weight [r, c] -> its transpose [c, r], contiguous: MKL's transpose, else cache-sized tiles (ATen's strided
 // copy took 87 us for a 512 x 128 float matrix here, which a small layer call cannot afford).
@@ -563,9 +567,11 @@ struct CpuBackend {
         [&] { return aten_input_gates(x_rows, w_ih, b_ih, b_hh); });
   }
 
-  // a [m, k] b [k, n] -> [m, n], on this thread alone where it is small (kMinMultiplyAddsToThreadGemm).
+  // a [m, k] b [k, n] -> [m, n], on this thread alone where it is small (kMinMultiplyAddsToThreadGemm) and its
+  // sums short (kMinInnerToThreadGemm).
   static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
-    if (a.size(0) * a.size(1) * b.size(1) >= kMinMultiplyAddsToThreadGemm) {
+    const int64_t inner = a.size(1);
+    if (a.size(0) * inner * b.size(1) >= kMinMultiplyAddsToThreadGemm || inner >= kMinInnerToThreadGemm) {
       return a.mm(b);
     }
     const blas::SingleThreaded single;
