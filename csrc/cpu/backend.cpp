@@ -191,8 +191,8 @@ void for_each_tile(int64_t tiles, const Fn& tile) {
 }
 
 // C[m, n] = A[m, k] op(B) (+ bias[n] on every row, if given) with blas::row_major_gemm, in row blocks fixed by
-// m (above). k must be positive. Each block's rows start as the bias just before its GEMM adds to them
-// (beta 1), while they are in this core's cache: one pass over C fewer than writing all of C first.
+// m (above). k must be positive. The thread that runs a block's GEMM first sets its rows to the bias, which
+// the GEMM adds to (beta 1): no separate pass of ATen ops broadcasting the bias over all of C.
 template <typename S>
 void tiled_gemm(int64_t m, int64_t n, int64_t k, const S* a, int64_t lda, const S* b, int64_t ldb, bool trans_b,
                 const S* bias, S* c, int64_t ldc) {
@@ -215,7 +215,7 @@ at::Tensor tiled_input_gates(const at::Tensor& x_rows, const at::Tensor& w_ih, c
   if (rows == 0 || input == 0) {  // the BLAS refuses a leading dimension of 0; x W_ih^T is all zeros here
     return aten_input_gates(x_rows, w_ih, b_ih, b_hh);
   }
-  const at::Tensor bias = b_ih.has_value() ? b_ih->add(*b_hh) : at::Tensor();
+  const at::Tensor bias = b_ih.has_value() ? b_ih->add(*b_hh).contiguous() : at::Tensor();
   at::Tensor out = at::empty({rows, gates}, x_rows.options());
   const at::Tensor x = x_rows.contiguous(), w = w_ih.contiguous();
   tiled_gemm<S>(rows, gates, input, x.const_data_ptr<S>(), input, w.const_data_ptr<S>(), input, /*trans_b=*/true,
@@ -346,9 +346,10 @@ class AlternatingSweep {
 // 2 threads against 1: a transpose of 256 x 64 floats took 5.9 us against 6.4, but the T=50, B=1, H=64
 // forward it starts took 5-7% longer; of 512 x 128, 14 us against 20. GEMMs of 0.8 M multiply-adds took
 // 20 us against 16; of 6.5 M, 88 against 157.
-// A GEMM with a long inner dimension keeps MKL's threads whatever its size: with m and n small against k (the
-// weight gradients of a long sequence sum over its N rows), they split the sum over k, which also halves its
-// chain of roundings (single-threaded, a float32 weight gradient over 3503 rows moved by 6e-5 relative).
+// A GEMM with a long inner dimension keeps MKL's threads whatever its size: with m and n small against k (as
+// in the weight gradients of a long sequence, sums over its N rows), they split the sum over k, which also
+// halves its chain of roundings (single-threaded, a float32 weight gradient over 3503 rows moved by 6e-5
+// relative). Its accuracy then depends on the thread count, as MKL's does.
 constexpr int64_t kMinElementsToThreadTranspose = 1 << 16;
 constexpr int64_t kMinMultiplyAddsToThreadGemm = 1 << 21;
 constexpr int64_t kMinInnerToThreadGemm = 1024;
@@ -516,7 +517,8 @@ class BlasBackwardStepper final : public BackwardStepper {
     const BackwardPointers<S> p{H, gates_ + step.offset * 4 * H, cells_ + step.offset * H, c_prev_ + step.offset * H,
                                 d_hidden, d_c_state_, d_gates};
     parallel_rows(p, rows, loop_);
-    recurrent_(rows, d_gates, d_h_state_, Hout, rows <= StepGemm<S>::kMaxSmallRows && sweep_.next());
+    const bool last_first = rows <= StepGemm<S>::kMaxSmallRows && sweep_.next();
+    recurrent_(rows, d_gates, d_h_state_, Hout, last_first);
   }
 
  private:
@@ -567,8 +569,9 @@ struct CpuBackend {
         [&] { return aten_input_gates(x_rows, w_ih, b_ih, b_hh); });
   }
 
-  // a [m, k] b [k, n] -> [m, n], on this thread alone where it is small (kMinMultiplyAddsToThreadGemm) and its
-  // sums short (kMinInnerToThreadGemm).
+  // a [m, k] b [k, n] -> [m, n], with MKL on this thread alone where the GEMM is small
+  // (kMinMultiplyAddsToThreadGemm) and its sums short (kMinInnerToThreadGemm). GEMMs that ATen sends to other
+  // kernels than MKL's (float16 and bfloat16 ones, to oneDNN) keep their threads.
   static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
     const int64_t inner = a.size(1);
     if (a.size(0) * inner * b.size(1) >= kMinMultiplyAddsToThreadGemm || inner >= kMinInnerToThreadGemm) {

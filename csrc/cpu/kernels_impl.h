@@ -121,8 +121,8 @@ void backward_rows_as(const BackwardPointers<S>& p, int64_t row_begin, int64_t r
 
 // Rows [row, row + R) of a SmallGemm, one panel of columns at a time: R x (panel / vector width)
 // accumulators stay in registers while k runs, and each loaded row of the panel serves all R rows. KU > 1
-// splits the sum over k into KU interleaved partial sums, added at the end: with one row, the panel's two
-// accumulators alone would leave each FMA waiting on the previous one (latency-bound at batch 1).
+// splits the sum over k into KU interleaved partial sums, added at the end: rows_in_blocks picks it so that
+// R x NV x KU >= 8 sums are independent, or each FMA would wait on the previous one (latency-bound).
 template <typename S, int R, int KU>
 void small_gemm_block(const SmallGemm<S>& g, int64_t row) {
   using V = at::vec::Vectorized<S>;
