@@ -224,7 +224,7 @@ at::Tensor tiled_input_gates(const at::Tensor& x_rows, const at::Tensor& w_ih, c
 }
 
 // One of a layer call's per-step GEMMs, C[rows, n] = A[rows, k] B[k, n] (+ C if accumulate), with B a weight
-// block (row stride ldb) that is the same at every step. Chooses per step among:
+// block that is the same at every step. Chooses per step among:
 //  * up to kMaxSmallRows rows: our own kernel on B packed into panels once per call (kernels.h SmallGemm),
 //    since a BLAS call costs microseconds there (from 3 rows on, the tiled BLAS GEMM measured faster);
 //  * float with the same rows at every step, from kMinRowsToPack: MKL's packed weights, packed once per call
@@ -243,11 +243,13 @@ class StepGemm {
   static constexpr int64_t kMinRowsToPack = 16;
   static constexpr int64_t kPanel = kSmallGemmPanel<S>;
 
-  // b: nullptr for a GEMM the layer does not have (the projection, without one); never called then.
+  // b: B[k, n] with row stride ldb, or with b_transposed its transpose [n, k] with row stride ldb (a weight
+  // as stored, which then needs no transposed copy); nullptr for a GEMM the layer does not have (the
+  // projection, without one), never called then.
   StepGemm(const S* b, int64_t ldb, int64_t n, int64_t k, bool accumulate, const std::vector<Step>& schedule,
-           StepRows used_for = StepRows::kAny)
+           StepRows used_for = StepRows::kAny, bool b_transposed = false)
       : b_(b), ldb_(ldb), n_(n), k_(k), tile_columns_(column_tile(n)), accumulate_(accumulate),
-        small_(small_gemm_loop<S>()) {
+        b_transposed_(b_transposed), small_(small_gemm_loop<S>()) {
     if (b == nullptr) {
       return;
     }
@@ -258,7 +260,8 @@ class StepGemm {
     }
     if constexpr (std::is_same_v<S, float>) {
       const int64_t rows = uniform_rows(schedule);
-      if (rows >= kMinRowsToPack && used_for != StepRows::kSmallOnly && blas::PackedWeight::available()) {
+      if (rows >= kMinRowsToPack && used_for != StepRows::kSmallOnly && !b_transposed &&
+          blas::PackedWeight::available()) {  // (MKL's packing here takes B untransposed)
         const blas::SingleThreaded single;  // MKL asks for the same thread count to pack as to compute
         for (int64_t j0 = 0; j0 < n; j0 += tile_columns_) {
           packed_.push_back(
@@ -287,7 +290,8 @@ class StepGemm {
                           last_panel_first},
              0, rows);
     } else {
-      blas::row_major_gemm<S>(rows, j1 - j0, k_, a, k_, b_ + j0, ldb_, accumulate_ ? S(1) : S(0), c + j0, ldc);
+      blas::row_major_gemm<S>(rows, j1 - j0, k_, a, k_, b_ + (b_transposed_ ? j0 * ldb_ : j0), ldb_,
+                              accumulate_ ? S(1) : S(0), c + j0, ldc, b_transposed_);
     }
   }
 
@@ -310,15 +314,26 @@ class StepGemm {
     panels_.assign(count * k_ * kPanel, S(0));
     for (int64_t p = 0; p < count; ++p) {
       const int64_t width = std::min(kPanel, n_ - p * kPanel);
+      S* panel = panels_.data() + p * k_ * kPanel;
+      if (!b_transposed_) {
+        for (int64_t kk = 0; kk < k_; ++kk) {
+          std::memcpy(panel + kk * kPanel, b_ + kk * ldb_ + p * kPanel, sizeof(S) * width);
+        }
+        continue;
+      }
+      // The panel's columns are rows of B^T: read as kPanel streams, written in order.
+      const S* b_columns = b_ + p * kPanel * ldb_;
       for (int64_t kk = 0; kk < k_; ++kk) {
-        std::memcpy(panels_.data() + (p * k_ + kk) * kPanel, b_ + kk * ldb_ + p * kPanel, sizeof(S) * width);
+        for (int64_t column = 0; column < width; ++column) {
+          panel[kk * kPanel + column] = b_columns[column * ldb_ + kk];
+        }
       }
     }
   }
 
   const S* b_;
   int64_t ldb_, n_, k_, tile_columns_;
-  bool accumulate_;
+  bool accumulate_, b_transposed_;
   decltype(small_gemm_loop<S>()) small_;
   std::vector<S> panels_;
   std::vector<std::unique_ptr<blas::PackedWeight>> packed_;  // one per column tile, for rows = packed_[0]->m()
@@ -386,18 +401,20 @@ template <typename S>
 class BlasForwardStepper final : public ForwardStepper {
  public:
   BlasForwardStepper(const ForwardBuffers& b, const std::vector<Step>& schedule)
-      : w_(b.w_hh), w_hh_t_(transposed<S>(b.w_hh)), w_hr_t_(b.w_hr.defined() ? transposed<S>(b.w_hr) : at::Tensor()),
+      : w_(b.w_hh), w_hh_t_(has_large_steps(schedule) ? transposed<S>(b.w_hh) : at::Tensor()),
+        w_hr_t_(b.w_hr.defined() ? transposed<S>(b.w_hr) : at::Tensor()),
         gates_(b.gates.data_ptr<S>()), cells_(b.cells.data_ptr<S>()), output_(b.output.data_ptr<S>()),
         h_state_(b.h_state.data_ptr<S>()), c_state_(b.c_state.data_ptr<S>()),
         unprojected_(pointer_or_null<S>(b.unprojected)), loop_(forward_loop<S>()),
         projection_(pointer_or_null<S>(w_hr_t_), w_.output, w_.output, w_.hidden, /*accumulate=*/false, schedule),
-        all_gates_(w_hh_t_.const_data_ptr<S>(), 4 * w_.hidden, 4 * w_.hidden, w_.output, /*accumulate=*/true, schedule,
-                   StepRows::kLargeOnly) {
-    // For batches of up to kMaxSmallRows rows, one GEMM per gate (columns [g H, (g + 1) H) of W_hh^T), so
-    // that threads can split the hidden units; larger batches use all_gates_.
+        all_gates_(pointer_or_null<S>(w_hh_t_), 4 * w_.hidden, 4 * w_.hidden, w_.output, /*accumulate=*/true,
+                   schedule, StepRows::kLargeOnly) {
+    // For batches of up to kMaxSmallRows rows, one GEMM per gate (columns [g H, (g + 1) H) of W_hh^T, packed
+    // from rows [g H, (g + 1) H) of W_hh as stored), so that threads can split the hidden units; larger
+    // batches use all_gates_.
     for (int64_t gate = 0; gate < 4; ++gate) {
-      recurrent_.emplace_back(w_hh_t_.const_data_ptr<S>() + gate * w_.hidden, 4 * w_.hidden, w_.hidden, w_.output,
-                              /*accumulate=*/true, schedule, StepRows::kSmallOnly);
+      recurrent_.emplace_back(b.w_hh.const_data_ptr<S>() + gate * w_.hidden * w_.output, w_.output, w_.hidden,
+                              w_.output, /*accumulate=*/true, schedule, StepRows::kSmallOnly, /*b_transposed=*/true);
     }
   }
 
@@ -471,8 +488,14 @@ class BlasForwardStepper final : public ForwardStepper {
     }
   }
 
+  // Whether some step has more rows than the small-batch kernel takes (so all_gates_ and W_hh^T are needed).
+  static bool has_large_steps(const std::vector<Step>& schedule) {
+    return std::any_of(schedule.begin(), schedule.end(),
+                       [](const Step& s) { return s.rows > StepGemm<S>::kMaxSmallRows; });
+  }
+
   Widths w_;
-  at::Tensor w_hh_t_;  // [Hout, 4H]
+  at::Tensor w_hh_t_;  // [Hout, 4H], or undefined without large steps
   at::Tensor w_hr_t_;  // [H, Hout]
   S* gates_;
   S* cells_;
