@@ -233,8 +233,47 @@ at::Tensor tiled_input_gates(const at::Tensor& x_rows, const at::Tensor& w_ih, c
 // Past the small batches, C's columns go in fixed tiles (column_tile), one single-threaded BLAS call each,
 // spread over threads, so that results do not depend on the thread count (see tiled_gemm).
 // columns() computes a block of C's columns on the calling thread alone, for callers that split the work.
-// StepRows says which batches a GEMM will see, so that it prepares only what those need.
+// It prepares for the steps it is given (steps_to_prepare) and for what StepRows says those will use; given
+// none, it prepares nothing and every step goes to the BLAS.
 enum class StepRows { kAny, kSmallOnly, kLargeOnly };
+
+// Preparing a weight (a transposed copy, panels, MKL's packing) costs passes over all of it, paid back a
+// little at every step. Where it pays, measured on the op at 2 threads with and without (a fit to few, noisy
+// points): from about sqrt(elements) / 8 steps at small batches (B = 1 and 32 broke even at T = 56..60 for
+// W_hh of H = 256, T = 32..40 for H = 128, under 8 for H = 64), and from fewer steps with many rows (at
+// T = 100, B = 64, H = 512 and at T = 50, B = 128, H = 1024, preparing was 2-25% faster). Preparing
+// unconditionally made LSTMCell (T = 1) take 5.7 ms at B = 1, H = 512 against nn.LSTMCell's 0.46 ms, and
+// 37 ms at B = 128, H = 1024 against 17 ms.
+// The schedule where its steps are enough to prepare `weight` for, else no steps.
+inline const std::vector<Step>& steps_to_prepare(const std::vector<Step>& schedule, const at::Tensor& weight) {
+  static const std::vector<Step> kNone;
+  constexpr int64_t kMinSteps = 8, kMinRows = 4096;
+  const int64_t steps = static_cast<int64_t>(schedule.size());
+  int64_t rows = 0;
+  for (const Step& step : schedule) {
+    rows += step.rows;
+  }
+  const double squared = static_cast<double>(steps) * static_cast<double>(steps);  // no int64 overflow
+  const bool pays = 64 * squared >= static_cast<double>(weight.numel()) || (steps >= kMinSteps && rows >= kMinRows);
+  return pays ? schedule : kNone;
+}
+
+// A weight W [r, c] as the B = W^T [c, r] of a StepGemm: W's transposed copy where one was made, else W as
+// stored (B read transposed); a null B for an undefined W.
+template <typename S>
+struct StepWeight {
+  const S* data;
+  int64_t ld;
+  bool transposed;
+};
+
+template <typename S>
+StepWeight<S> step_weight(const at::Tensor& w, const at::Tensor& w_transposed) {
+  if (w_transposed.defined()) {
+    return {w_transposed.const_data_ptr<S>(), w_transposed.size(1), false};
+  }
+  return {pointer_or_null<S>(w), w.defined() ? w.size(1) : 0, true};
+}
 
 template <typename S>
 class StepGemm {
@@ -246,7 +285,7 @@ class StepGemm {
   // b: B[k, n] with row stride ldb, or with b_transposed its transpose [n, k] with row stride ldb (a weight
   // as stored, which then needs no transposed copy); nullptr for a GEMM the layer does not have (the
   // projection, without one), never called then.
-  StepGemm(const S* b, int64_t ldb, int64_t n, int64_t k, bool accumulate, const std::vector<Step>& schedule,
+  StepGemm(const S* b, int64_t ldb, int64_t n, int64_t k, bool accumulate, const std::vector<Step>& prepare_for,
            StepRows used_for = StepRows::kAny, bool b_transposed = false)
       : b_(b), ldb_(ldb), n_(n), k_(k), tile_columns_(column_tile(n)), accumulate_(accumulate),
         b_transposed_(b_transposed), small_(small_gemm_loop<S>()) {
@@ -254,12 +293,12 @@ class StepGemm {
       return;
     }
     const bool any_small =
-        std::any_of(schedule.begin(), schedule.end(), [](const Step& s) { return s.rows <= kMaxSmallRows; });
+        std::any_of(prepare_for.begin(), prepare_for.end(), [](const Step& s) { return s.rows <= kMaxSmallRows; });
     if (any_small && used_for != StepRows::kLargeOnly) {
       pack_panels();
     }
     if constexpr (std::is_same_v<S, float>) {
-      const int64_t rows = uniform_rows(schedule);
+      const int64_t rows = uniform_rows(prepare_for);
       if (rows >= kMinRowsToPack && used_for != StepRows::kSmallOnly && !b_transposed &&
           blas::PackedWeight::available()) {  // (MKL's packing here takes B untransposed)
         const blas::SingleThreaded single;  // MKL asks for the same thread count to pack as to compute
@@ -271,10 +310,14 @@ class StepGemm {
     }
   }
 
+  StepGemm(const StepWeight<S>& b, int64_t n, int64_t k, bool accumulate, const std::vector<Step>& prepare_for,
+           StepRows used_for = StepRows::kAny)
+      : StepGemm(b.data, b.ld, n, k, accumulate, prepare_for, used_for, b.transposed) {}
+
   // C[rows, :] for all columns: small batches on this thread, larger ones in column tiles over threads.
   // last_panel_first: for small batches, visit the packed panels from the last to the first (AlternatingSweep).
   void operator()(int64_t rows, const S* a, S* c, int64_t ldc, bool last_panel_first = false) const {
-    if (rows <= kMaxSmallRows) {
+    if (rows <= kMaxSmallRows && has_panels()) {
       columns(rows, 0, n_, a, c, ldc, last_panel_first);
       return;
     }
@@ -285,7 +328,7 @@ class StepGemm {
   // multiple of kPanel.
   void columns(int64_t rows, int64_t j0, int64_t j1, const S* a, S* c, int64_t ldc,
                bool last_panel_first = false) const {
-    if (rows <= kMaxSmallRows) {
+    if (rows <= kMaxSmallRows && has_panels()) {
       small_(SmallGemm<S>{j1 - j0, k_, a, panels_.data() + (j0 / kPanel) * k_ * kPanel, c + j0, ldc, accumulate_,
                           last_panel_first},
              0, rows);
@@ -294,6 +337,9 @@ class StepGemm {
                               accumulate_ ? S(1) : S(0), c + j0, ldc, b_transposed_);
     }
   }
+
+  // Whether small batches run our kernel (on panels packed for them); else they go to the BLAS too.
+  bool has_panels() const { return !panels_.empty(); }
 
  private:
   // Past the small batches: C's column tiles, and one of them computed on this thread.
@@ -401,27 +447,30 @@ template <typename S>
 class BlasForwardStepper final : public ForwardStepper {
  public:
   BlasForwardStepper(const ForwardBuffers& b, const std::vector<Step>& schedule)
-      : w_(b.w_hh), w_hh_t_(has_large_steps(schedule) ? transposed<S>(b.w_hh) : at::Tensor()),
-        w_hr_t_(b.w_hr.defined() ? transposed<S>(b.w_hr) : at::Tensor()),
+      : w_(b.w_hh), project_(b.w_hr.defined()), prepare_for_(steps_to_prepare(schedule, b.w_hh)),
+        prepared_(!prepare_for_.empty()),
+        w_hh_t_(prepared_ && has_large_steps(schedule) ? transposed<S>(b.w_hh) : at::Tensor()),
+        w_hr_t_(prepared_ && project_ ? transposed<S>(b.w_hr) : at::Tensor()),
         gates_(b.gates.data_ptr<S>()), cells_(b.cells.data_ptr<S>()), output_(b.output.data_ptr<S>()),
         h_state_(b.h_state.data_ptr<S>()), c_state_(b.c_state.data_ptr<S>()),
         unprojected_(pointer_or_null<S>(b.unprojected)), loop_(forward_loop<S>()),
-        projection_(pointer_or_null<S>(w_hr_t_), w_.output, w_.output, w_.hidden, /*accumulate=*/false, schedule),
-        all_gates_(pointer_or_null<S>(w_hh_t_), 4 * w_.hidden, 4 * w_.hidden, w_.output, /*accumulate=*/true,
-                   schedule, StepRows::kLargeOnly) {
+        projection_(step_weight<S>(b.w_hr, w_hr_t_), w_.output, w_.hidden, /*accumulate=*/false, prepare_for_),
+        all_gates_(step_weight<S>(b.w_hh, w_hh_t_), 4 * w_.hidden, w_.output, /*accumulate=*/true, prepare_for_,
+                   StepRows::kLargeOnly) {
     // For batches of up to kMaxSmallRows rows, one GEMM per gate (columns [g H, (g + 1) H) of W_hh^T, packed
     // from rows [g H, (g + 1) H) of W_hh as stored), so that threads can split the hidden units; larger
     // batches use all_gates_.
     for (int64_t gate = 0; gate < 4; ++gate) {
       recurrent_.emplace_back(b.w_hh.const_data_ptr<S>() + gate * w_.hidden * w_.output, w_.output, w_.hidden,
-                              w_.output, /*accumulate=*/true, schedule, StepRows::kSmallOnly, /*b_transposed=*/true);
+                              w_.output, /*accumulate=*/true, prepare_for_, StepRows::kSmallOnly,
+                              /*b_transposed=*/true);
     }
   }
 
   void run(const Step& step) override {
     const int64_t H = w_.hidden, Hout = w_.output, rows = step.rows;
-    const bool project = w_hr_t_.defined();
-    if (!project && threads_ > 1 && rows <= StepGemm<S>::kMaxSmallRows &&
+    const bool project = project_;
+    if (!project && threads_ > 1 && rows <= StepGemm<S>::kMaxSmallRows && recurrent_.front().has_panels() &&
         rows * Hout * 4 * H >= kMinMultiplyAddsToSplit) {
       run_split(step);
       return;
@@ -448,7 +497,7 @@ class BlasForwardStepper final : public ForwardStepper {
   // B=32, H=256).
   void add_recurrent(int64_t rows, S* gates) {
     const int64_t H = w_.hidden;
-    if (rows <= StepGemm<S>::kMaxSmallRows) {
+    if (rows <= StepGemm<S>::kMaxSmallRows && recurrent_.front().has_panels()) {
       const bool last_first = sweep_.next();
       for (int64_t visit = 0; visit < 4; ++visit) {
         const int64_t gate = last_first ? 3 - visit : visit;
@@ -495,8 +544,11 @@ class BlasForwardStepper final : public ForwardStepper {
   }
 
   Widths w_;
-  at::Tensor w_hh_t_;  // [Hout, 4H], or undefined without large steps
-  at::Tensor w_hr_t_;  // [H, Hout]
+  bool project_;
+  const std::vector<Step>& prepare_for_;  // steps_to_prepare
+  bool prepared_;      // whether the weights are prepared (transposed copies, panels) for the steps
+  at::Tensor w_hh_t_;  // [Hout, 4H], where prepared_ and some step has large batches
+  at::Tensor w_hr_t_;  // [H, Hout], where prepared_ and projecting
   S* gates_;
   S* cells_;
   S* output_;
@@ -521,8 +573,10 @@ class BlasBackwardStepper final : public BackwardStepper {
         d_h_state_(b.d_h_state.data_ptr<S>()), d_c_state_(b.d_c_state.data_ptr<S>()),
         d_output_all_(pointer_or_null<S>(b.d_output_all)), d_unprojected_(pointer_or_null<S>(b.d_unprojected)),
         loop_(backward_loop<S>()),
-        recurrent_(b.w_hh.const_data_ptr<S>(), w_.output, w_.output, 4 * w_.hidden, /*accumulate=*/false, schedule),
-        projection_(pointer_or_null<S>(b.w_hr), w_.hidden, w_.hidden, w_.output, /*accumulate=*/false, schedule) {}
+        recurrent_(b.w_hh.const_data_ptr<S>(), w_.output, w_.output, 4 * w_.hidden, /*accumulate=*/false,
+                   steps_to_prepare(schedule, b.w_hh)),
+        projection_(pointer_or_null<S>(b.w_hr), w_.hidden, w_.hidden, w_.output, /*accumulate=*/false,
+                    steps_to_prepare(schedule, b.w_hh)) {}
 
   void run(const Step& step) override {
     const int64_t H = w_.hidden, Hout = w_.output, rows = step.rows;
