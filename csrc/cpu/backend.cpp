@@ -448,9 +448,8 @@ class BlasForwardStepper final : public ForwardStepper {
  public:
   BlasForwardStepper(const ForwardBuffers& b, const std::vector<Step>& schedule)
       : w_(b.w_hh), project_(b.w_hr.defined()), prepare_for_(steps_to_prepare(schedule, b.w_hh)),
-        prepared_(!prepare_for_.empty()),
-        w_hh_t_(prepared_ && has_large_steps(schedule) ? transposed<S>(b.w_hh) : at::Tensor()),
-        w_hr_t_(prepared_ && project_ ? transposed<S>(b.w_hr) : at::Tensor()),
+        w_hh_t_(has_large_steps(prepare_for_) ? transposed<S>(b.w_hh) : at::Tensor()),
+        w_hr_t_(project_ && !prepare_for_.empty() ? transposed<S>(b.w_hr) : at::Tensor()),
         gates_(b.gates.data_ptr<S>()), cells_(b.cells.data_ptr<S>()), output_(b.output.data_ptr<S>()),
         h_state_(b.h_state.data_ptr<S>()), c_state_(b.c_state.data_ptr<S>()),
         unprojected_(pointer_or_null<S>(b.unprojected)), loop_(forward_loop<S>()),
@@ -469,8 +468,7 @@ class BlasForwardStepper final : public ForwardStepper {
 
   void run(const Step& step) override {
     const int64_t H = w_.hidden, Hout = w_.output, rows = step.rows;
-    const bool project = project_;
-    if (!project && threads_ > 1 && rows <= StepGemm<S>::kMaxSmallRows && recurrent_.front().has_panels() &&
+    if (!project_ && threads_ > 1 && rows <= StepGemm<S>::kMaxSmallRows && recurrent_.front().has_panels() &&
         rows * Hout * 4 * H >= kMinMultiplyAddsToSplit) {
       run_split(step);
       return;
@@ -478,10 +476,10 @@ class BlasForwardStepper final : public ForwardStepper {
     S* gates = gates_ + step.offset * 4 * H;
     S* output = output_ + step.offset * Hout;
     add_recurrent(rows, gates);
-    const ForwardPointers<S> p{H, gates, c_state_, cells_ + step.offset * H, project ? unprojected_ : output,
-                               project ? nullptr : h_state_};
+    const ForwardPointers<S> p{H, gates, c_state_, cells_ + step.offset * H, project_ ? unprojected_ : output,
+                               project_ ? nullptr : h_state_};
     parallel_rows(p, rows, loop_);
-    if (project) {
+    if (project_) {
       projection_(rows, unprojected_, output, Hout);
       std::memcpy(h_state_, output, sizeof(S) * rows * Hout);
     }
@@ -545,10 +543,9 @@ class BlasForwardStepper final : public ForwardStepper {
 
   Widths w_;
   bool project_;
-  const std::vector<Step>& prepare_for_;  // steps_to_prepare
-  bool prepared_;      // whether the weights are prepared (transposed copies, panels) for the steps
-  at::Tensor w_hh_t_;  // [Hout, 4H], where prepared_ and some step has large batches
-  at::Tensor w_hr_t_;  // [H, Hout], where prepared_ and projecting
+  const std::vector<Step>& prepare_for_;  // steps_to_prepare: the schedule, or no steps
+  at::Tensor w_hh_t_;  // [Hout, 4H], where some step to prepare for has large batches
+  at::Tensor w_hr_t_;  // [H, Hout], where projecting and preparing
   S* gates_;
   S* cells_;
   S* output_;
@@ -558,7 +555,7 @@ class BlasForwardStepper final : public ForwardStepper {
   decltype(forward_loop<S>()) loop_;
   std::vector<StepGemm<S>> recurrent_;  // gates[:, g] += h W_hh^T[:, g], per gate g (small batches)
   StepGemm<S> projection_;              // output = h W_hr^T
-  StepGemm<S> all_gates_;               // gates += h W_hh^T, past the small batches
+  StepGemm<S> all_gates_;               // gates += h W_hh^T, past the small batches (all steps unprepared)
   AlternatingSweep sweep_;              // recurrent_'s order, small batches on one thread
   int threads_ = at::get_num_threads();
 };
@@ -573,10 +570,11 @@ class BlasBackwardStepper final : public BackwardStepper {
         d_h_state_(b.d_h_state.data_ptr<S>()), d_c_state_(b.d_c_state.data_ptr<S>()),
         d_output_all_(pointer_or_null<S>(b.d_output_all)), d_unprojected_(pointer_or_null<S>(b.d_unprojected)),
         loop_(backward_loop<S>()),
+        prepare_for_(steps_to_prepare(schedule, b.w_hh)),
         recurrent_(b.w_hh.const_data_ptr<S>(), w_.output, w_.output, 4 * w_.hidden, /*accumulate=*/false,
-                   steps_to_prepare(schedule, b.w_hh)),
+                   prepare_for_),
         projection_(pointer_or_null<S>(b.w_hr), w_.hidden, w_.hidden, w_.output, /*accumulate=*/false,
-                    steps_to_prepare(schedule, b.w_hh)) {}
+                    prepare_for_) {}
 
   void run(const Step& step) override {
     const int64_t H = w_.hidden, Hout = w_.output, rows = step.rows;
@@ -611,6 +609,7 @@ class BlasBackwardStepper final : public BackwardStepper {
   S* d_output_all_;
   S* d_unprojected_;
   decltype(backward_loop<S>()) loop_;
+  const std::vector<Step>& prepare_for_;  // steps_to_prepare: the schedule, or no steps
   StepGemm<S> recurrent_;   // dL/dh_{t-1} = d_gates W_hh
   StepGemm<S> projection_;  // dL/d(unprojected h) = dL/dh W_hr
   AlternatingSweep sweep_;  // recurrent_'s panel order, small batches
