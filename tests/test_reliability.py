@@ -130,6 +130,8 @@ DETERMINISM_SHAPES = [  # steps, batch, input, hidden, proj
     (3, 8, 2000, 64, 0), (5, 16, 2000, 64, 32), (7, 3, 300, 40, 0), (4, 32, 64, 256, 128),
     # up to 2 rows: the small kernel, and the step split over threads by hidden units (from 2^16 multiply-adds)
     (5, 1, 16, 256, 0), (5, 2, 8, 200, 0), (5, 1, 16, 128, 64), (5, 2, 4, 16, 0),
+    # a one-step call with a large weight: the input projection split by columns too
+    (1, 3, 512, 256, 0),
 ]  # fmt: skip
 
 

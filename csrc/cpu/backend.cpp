@@ -153,6 +153,32 @@ int64_t uniform_rows(const std::vector<Step>& schedule) {
   return uniform ? rows : 0;
 }
 
+// MKL threads its calls whatever their size. Below these sizes the fork costs more than the threads save, or
+// saves little and leaves the other threads spinning beside the steps that follow on this one. Measured with
+// 2 threads against 1: a transpose of 256 x 64 floats took 5.9 us against 6.4, but the T=50, B=1, H=64
+// forward it starts took 5-7% longer; of 512 x 128, 14 us against 20. GEMMs of 0.8 M multiply-adds took
+// 20 us against 16; of 6.5 M, 88 against 157.
+// A GEMM of few multiply-adds over much memory (one step's, as LSTMCell's: a row times a weight, or the
+// outer product that is its weight gradient) is bound by one core's bandwidth, and threads pay there too:
+// [1, 2048] x [2048, 512] took 119 us on 2 threads against 297 on one, the [2048, 1] x [1, 512] outer
+// product 308 against 525, and [1024, 1] x [1, 256] 25 against 39; [1, 1024] x [1024, 256] (1 MB of weight)
+// 24 against 19, [512, 1] x [1, 128] 12 against 15.
+// A GEMM with a long inner dimension keeps MKL's threads whatever its size: with m and n small against k (as
+// in the weight gradients of a long sequence, sums over its N rows), they split the sum over k, which also
+// halves its chain of roundings (single-threaded, a float32 weight gradient over 3503 rows moved by 6e-5
+// relative). Its accuracy then depends on the thread count, as MKL's does.
+constexpr int64_t kMinElementsToThreadTranspose = 1 << 16;
+constexpr int64_t kMinMultiplyAddsToThreadGemm = 1 << 21;
+constexpr int64_t kMinElementsToThreadGemm = 1 << 18;
+constexpr int64_t kMinInnerToThreadGemm = 1024;
+
+// Whether C[m, n] = A[m, k] B[k, n] is large enough in multiply-adds or in memory to share among threads.
+bool worth_threads(int64_t m, int64_t n, int64_t k) {
+  const double multiply_adds = static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
+  const double elements = static_cast<double>(m) * k + static_cast<double>(k) * n + static_cast<double>(m) * n;
+  return multiply_adds >= kMinMultiplyAddsToThreadGemm || elements >= kMinElementsToThreadGemm;
+}
+
 // GEMMs whose results do not depend on the number of threads. MKL's own threading splits the sum over k
 // when m and n are small against k (measured: outputs differed in the last bits between 1 and 2 threads, e.g.
 // a [12, 1024] x [1024, 4096] step, or a [15, 300] x [300, 160] input projection). So we split C into tiles of
@@ -160,9 +186,12 @@ int64_t uniform_rows(const std::vector<Step>& schedule) {
 // threads: every element is then the same sum in the same order however many threads run.
 
 // The whole-sequence GEMM goes in row blocks with all columns, so each call packs the weights once for many
-// rows: eight blocks (an even load on 1, 2, 4 or 8 threads), of at least kMinRowTile rows.
+// rows: eight blocks (an even load on 1, 2, 4 or 8 threads), of at least kMinRowTile rows. A call with fewer
+// rows than that (as LSTMCell's one step) but worth threads also splits the columns, into enough blocks to
+// make eight tiles in all, of at least kMinColumnTile columns.
 constexpr int64_t kRowTiles = 8;
 constexpr int64_t kMinRowTile = 64;
+constexpr int64_t kMinColumnTile = 64;
 
 int64_t tile_count(int64_t extent, int64_t tile) {
   return (extent + tile - 1) / tile;
@@ -190,20 +219,26 @@ void for_each_tile(int64_t tiles, const Fn& tile) {
   });
 }
 
-// C[m, n] = A[m, k] op(B) (+ bias[n] on every row, if given) with blas::row_major_gemm, in row blocks fixed by
-// m (above). k must be positive. The thread that runs a block's GEMM first sets its rows to the bias, which
-// the GEMM adds to (beta 1): no separate pass of ATen ops broadcasting the bias over all of C.
+// C[m, n] = A[m, k] op(B) (+ bias[n] on every row, if given) with blas::row_major_gemm, in tiles fixed by the
+// shape (above). k must be positive. The thread that runs a tile's GEMM first sets it to the bias, which the
+// GEMM adds to (beta 1): no separate pass of ATen ops broadcasting the bias over all of C.
 template <typename S>
 void tiled_gemm(int64_t m, int64_t n, int64_t k, const S* a, int64_t lda, const S* b, int64_t ldb, bool trans_b,
                 const S* bias, S* c, int64_t ldc) {
-  const int64_t tile = row_tile(m);
-  for_each_tile(tile_count(m, tile), [&](int64_t index) {
-    const int64_t i0 = index * tile, rows = std::min(tile, m - i0);
-    S* c_tile = c + i0 * ldc;
-    for (int64_t i = 0; bias != nullptr && i < rows; ++i) {
-      std::memcpy(c_tile + i * ldc, bias, sizeof(S) * n);
+  const int64_t rows = row_tile(m), row_tiles = tile_count(m, rows);
+  const int64_t wanted_column_tiles = row_tiles < kRowTiles && worth_threads(m, n, k) ? kRowTiles / row_tiles : 1;
+  const int64_t columns = std::max(kMinColumnTile, tile_count(n, wanted_column_tiles));
+  const int64_t column_tiles = tile_count(n, columns);
+  for_each_tile(row_tiles * column_tiles, [&](int64_t index) {
+    const int64_t i0 = index / column_tiles * rows, j0 = index % column_tiles * columns;
+    const int64_t tile_rows = std::min(rows, m - i0), tile_columns = std::min(columns, n - j0);
+    S* c_tile = c + i0 * ldc + j0;
+    for (int64_t i = 0; bias != nullptr && i < tile_rows; ++i) {
+      std::memcpy(c_tile + i * ldc, bias + j0, sizeof(S) * tile_columns);
     }
-    blas::row_major_gemm<S>(rows, n, k, a + i0 * lda, lda, b, ldb, bias ? S(1) : S(0), c_tile, ldc, trans_b);
+    const S* b_tile = b + (trans_b ? j0 * ldb : j0);
+    blas::row_major_gemm<S>(tile_rows, tile_columns, k, a + i0 * lda, lda, b_tile, ldb, bias ? S(1) : S(0), c_tile,
+                            ldc, trans_b);
   });
 }
 
@@ -401,19 +436,6 @@ class AlternatingSweep {
  private:
   bool last_first_ = true;
 };
-
-// MKL threads its calls whatever their size. Below these sizes the fork costs more than the threads save, or
-// saves little and leaves the other threads spinning beside the steps that follow on this one. Measured with
-// 2 threads against 1: a transpose of 256 x 64 floats took 5.9 us against 6.4, but the T=50, B=1, H=64
-// forward it starts took 5-7% longer; of 512 x 128, 14 us against 20. GEMMs of 0.8 M multiply-adds took
-// 20 us against 16; of 6.5 M, 88 against 157.
-// A GEMM with a long inner dimension keeps MKL's threads whatever its size: with m and n small against k (as
-// in the weight gradients of a long sequence, sums over its N rows), they split the sum over k, which also
-// halves its chain of roundings (single-threaded, a float32 weight gradient over 3503 rows moved by 6e-5
-// relative). Its accuracy then depends on the thread count, as MKL's does.
-constexpr int64_t kMinElementsToThreadTranspose = 1 << 16;
-constexpr int64_t kMinMultiplyAddsToThreadGemm = 1 << 21;
-constexpr int64_t kMinInnerToThreadGemm = 1024;
 
 // weight [r, c] -> its transpose [c, r], contiguous: MKL's transpose, else cache-sized tiles (ATen's strided
 // copy took 87 us for a 512 x 128 float matrix here, which a small layer call cannot afford).
@@ -645,12 +667,12 @@ struct CpuBackend {
         [&] { return aten_input_gates(x_rows, w_ih, b_ih, b_hh); });
   }
 
-  // a [m, k] b [k, n] -> [m, n], with MKL on this thread alone where the GEMM is small
-  // (kMinMultiplyAddsToThreadGemm) and its sums short (kMinInnerToThreadGemm). GEMMs that ATen sends to other
-  // kernels than MKL's (float16 and bfloat16 ones, to oneDNN) keep their threads.
+  // a [m, k] b [k, n] -> [m, n], with MKL on this thread alone where the GEMM is small (worth_threads) and
+  // its sums short (kMinInnerToThreadGemm). GEMMs that ATen sends to other kernels than MKL's (float16 and
+  // bfloat16 ones, to oneDNN) keep their threads.
   static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
     const int64_t inner = a.size(1);
-    if (a.size(0) * inner * b.size(1) >= kMinMultiplyAddsToThreadGemm || inner >= kMinInnerToThreadGemm) {
+    if (worth_threads(a.size(0), b.size(1), inner) || inner >= kMinInnerToThreadGemm) {
       return a.mm(b);
     }
     const blas::SingleThreaded single;
