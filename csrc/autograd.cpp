@@ -27,7 +27,8 @@ using BackwardResult =
 using BackwardSignature = BackwardResult(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool,
-                                         bool, const at::Tensor&, const at::Tensor&, const at::Tensor&);
+                                         bool, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         std::array<bool, 7>);
 using RecomputeSignature = std::vector<at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
@@ -85,21 +86,20 @@ class Layer : public torch::autograd::Function<Layer> {
     }
     static const auto backward_op = op<BackwardSignature>("fused_lstm::lstm_layer_backward");
     const bool has_bias = saved[kBih].defined();
+    // The op's results in order (its output_mask): x, h0, c0, w_ih, w_hh, the bias, w_hr.
+    const std::array<bool, 7> output_mask{needed[kX],   needed[kH0],  needed[kC0],
+                                          needed[kWih], needed[kWhh], needed[kBih] || needed[kBhh],
+                                          needed[kWhr]};
     auto [grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] = backward_op.call(
         grads[0], grads[1], grads[2], saved[kX], saved[kH0], saved[kC0], saved[kWih], saved[kWhh],
         present(saved[kWhr]), present(saved[kBatchSizes]), reverse, has_bias, saved[kOutput], saved[kGates],
-        saved[kCells]);
-    result[kX] = grad_x;
-    result[kH0] = grad_h0;
-    result[kC0] = grad_c0;
-    result[kWih] = grad_w_ih;
-    result[kWhh] = grad_w_hh;
-    if (has_bias) {
-      result[kBih] = grad_bias;
-      result[kBhh] = grad_bias;
-    }
-    if (saved[kWhr].defined()) {
-      result[kWhr] = grad_w_hr;
+        saved[kCells], output_mask);
+    for (auto [argument, gradient] : {std::pair{kX, &grad_x}, {kH0, &grad_h0}, {kC0, &grad_c0}, {kWih, &grad_w_ih},
+                                      {kWhh, &grad_w_hh}, {kBih, &grad_bias}, {kBhh, &grad_bias},
+                                      {kWhr, &grad_w_hr}}) {
+      if (needed[argument]) {  // the others are empty placeholders, or absent arguments
+        result[argument] = *gradient;
+      }
     }
     return result;
   }

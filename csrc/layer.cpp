@@ -224,7 +224,8 @@ TORCH_LIBRARY(fused_lstm, m) {
   m.def(
       "lstm_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor h0, "
       "Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse, bool has_bias, "
-      "Tensor output, Tensor gates, Tensor cells) "
+      "Tensor output, Tensor gates, Tensor cells, "
+      "bool[7] output_mask=[True, True, True, True, True, True, True]) "
       "-> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
       "Tensor grad_bias, Tensor grad_w_hr)");
   // The gradients of lstm_layer_forward as differentiable tensors (double backward), by a recomputation with

@@ -16,6 +16,7 @@
 #include <ATen/ops/mm.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
+#include <array>
 #include <memory>
 #include <optional>
 #include <tuple>
@@ -106,17 +107,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   return {b.output.view(output_shape), b.h_state, b.c_state, b.gates, b.cells};
 }
 
+// Which of lstm_layer_backward's results to compute, in their order: grad_x, grad_h0, grad_c0, grad_w_ih,
+// grad_w_hh, grad_bias, grad_w_hr. Autograd asks only for those its inputs need: x from a data loader, or
+// frozen weights, then cost no GEMM.
+using BackwardMask = std::array<bool, 7>;
+enum BackwardOutput { kGradX, kGradH0, kGradC0, kGradWih, kGradWhh, kGradBias, kGradWhr };
+
 // The gradients of lstm_layer_forward. grad_output is shaped like output; grad_h_n: [B, Hout];
 // grad_c_n: [B, H]; output, gates, cells: what forward returned. Returns grad_x (shaped like x), grad_h0,
-// grad_c0, grad_w_ih, grad_w_hh, grad_bias [4H] (the gradient of b_ih and of b_hh alike; [0] when has_bias
-// is false) and grad_w_hr ([0] without projection). The weight gradients are single GEMMs over all steps.
+// grad_c0, grad_w_ih, grad_w_hh, grad_bias [4H] (the gradient of b_ih and of b_hh alike) and grad_w_hr; each
+// is an empty [0] tensor where output_mask is false, as grad_bias is without a bias and grad_w_hr without a
+// projection. The weight gradients are single GEMMs over all steps.
 template <class Backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 lstm_layer_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
                     const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
                     const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
                     const std::optional<at::Tensor>& batch_sizes, bool reverse, bool has_bias,
-                    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells) {
+                    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
+                    BackwardMask output_mask) {
   const NoAutocast no_autocast;
   const LayerDims dims =
       check_layer_inputs(x, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr, batch_sizes);
@@ -144,14 +153,20 @@ lstm_layer_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, c
     stepper->run(*step);
   }
 
-  const at::Tensor h_prev = previous_states(output.reshape({dims.rows, dims.output}), h0, schedule);
-  at::Tensor grad_x = Backend::mm(b.d_gates, w_ih).view(x.sizes());
-  at::Tensor grad_w_ih = Backend::mm(b.d_gates.t(), x_rows);
-  at::Tensor grad_w_hh = Backend::mm(b.d_gates.t(), h_prev);
-  at::Tensor grad_bias = has_bias ? b.d_gates.sum(0) : at::empty({0}, x.options());
-  at::Tensor grad_w_hr = project ? Backend::mm(b.d_output_all.t(), unprojected_hidden(b.gates, b.cells))
-                                 : at::empty({0}, x.options());
-  return {grad_x, b.d_h_state, b.d_c_state, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
+  const auto wanted = [&](BackwardOutput result, bool exists = true) { return exists && output_mask[result]; };
+  const auto none = [&] { return at::empty({0}, x.options()); };
+  at::Tensor grad_x = wanted(kGradX) ? Backend::mm(b.d_gates, w_ih).view(x.sizes()) : none();
+  at::Tensor grad_w_ih = wanted(kGradWih) ? Backend::mm(b.d_gates.t(), x_rows) : none();
+  at::Tensor grad_w_hh =
+      wanted(kGradWhh)
+          ? Backend::mm(b.d_gates.t(), previous_states(output.reshape({dims.rows, dims.output}), h0, schedule))
+          : none();
+  at::Tensor grad_bias = wanted(kGradBias, has_bias) ? b.d_gates.sum(0) : none();
+  at::Tensor grad_w_hr = wanted(kGradWhr, project)
+                             ? Backend::mm(b.d_output_all.t(), unprojected_hidden(b.gates, b.cells))
+                             : none();
+  return {grad_x,    wanted(kGradH0) ? b.d_h_state : none(), wanted(kGradC0) ? b.d_c_state : none(),
+          grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
 }
 
 }  // namespace fused_lstm

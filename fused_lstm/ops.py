@@ -4,7 +4,8 @@ The ops themselves are C++ (csrc/), registered as ``torch.ops.fused_lstm.*`` whe
 
 * ``lstm_layer_forward``: one layer, one direction, a whole sequence; returns the output, h_n, c_n and what
   backward needs (activated gates and cell states).
-* ``lstm_layer_backward``: its gradients, with the weight gradients as single GEMMs over all steps.
+* ``lstm_layer_backward``: its gradients (those its output_mask asks for), with the weight gradients as single
+  GEMMs over all steps.
 
 Their autograd is C++ (csrc/autograd.cpp). Double backward (``create_graph=True``) recomputes the layer with
 differentiable ATen ops instead (``lstm_layer_recompute_backward``, implemented here): it is rare, and that
@@ -145,7 +146,8 @@ def _check_like_x(x, **tensors):
 
 @torch.library.register_fake("fused_lstm::lstm_layer_backward")
 def _backward_fake(
-    grad_output, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, reverse, has_bias, output, gates, cells
+    grad_output, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, reverse, has_bias, output, gates, cells,
+    output_mask=(True,) * 7,
 ):
     _check_like_x(x, grad_output=grad_output, grad_h_n=grad_h_n, grad_c_n=grad_c_n, output=output, gates=gates,
                   cells=cells)  # fmt: skip
@@ -155,15 +157,9 @@ def _backward_fake(
                 ("grad_h_n", grad_h_n, (batch, out_size)), ("grad_c_n", grad_c_n, (batch, hidden)),
                 ("gates", gates, (rows, 4 * hidden)), ("cells", cells, (rows, hidden))]  # fmt: skip
     _check_shapes(expected)
-    return (
-        x.new_empty(x.shape),
-        h0.new_empty(h0.shape),
-        c0.new_empty(c0.shape),
-        w_ih.new_empty(w_ih.shape),
-        w_hh.new_empty(w_hh.shape),
-        x.new_empty((w_ih.shape[0] if has_bias else 0,)),
-        x.new_empty(w_hr.shape if w_hr is not None else (0,)),
-    )
+    shapes = (x.shape, h0.shape, c0.shape, w_ih.shape, w_hh.shape, (w_ih.shape[0],) if has_bias else (0,),
+              w_hr.shape if w_hr is not None else (0,))  # fmt: skip
+    return tuple(x.new_empty(shape if wanted else (0,)) for shape, wanted in zip(shapes, output_mask, strict=True))
 
 
 class _FunctorchLayer(torch.autograd.Function):
@@ -190,18 +186,18 @@ class _FunctorchLayer(torch.autograd.Function):
     def backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, out, gates, cells = ctx.saved_tensors
         grads = (grad_output, grad_h_n, grad_c_n)
+        needed = ctx.needs_input_grad[:8]
         if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable themselves
-            needed = ctx.needs_input_grad[:8]
             result = _recompute_backward(*grads, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, ctx.reverse,
                                          needed)  # fmt: skip
-            return (*(g if need else None for g, need in zip(result, needed)), None, None)
-        has_bias, has_projection = b_ih is not None, w_hr is not None
-        grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = torch.ops.fused_lstm.lstm_layer_backward(
-            *grads, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, ctx.reverse, has_bias, out, gates, cells
-        )
-        bias = grad_bias if has_bias else None
-        return (grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, bias, bias, grad_w_hr if has_projection else None,
-                None, None)  # fmt: skip
+        else:
+            output_mask = [*needed[:5], needed[5] or needed[6], needed[7]]  # one gradient for both biases
+            grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = torch.ops.fused_lstm.lstm_layer_backward(
+                *grads, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, ctx.reverse, b_ih is not None, out, gates, cells,
+                output_mask,
+            )  # fmt: skip
+            result = (grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_bias, grad_w_hr)
+        return (*(g if need else None for g, need in zip(result, needed)), None, None)
 
 
 def _recompute_backward(

@@ -204,3 +204,63 @@ def test_op_ignores_autocast():
     for e, a in zip(expected, actual):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, e, atol=0, rtol=0)
+
+
+BACKWARD_RESULTS = ["grad_x", "grad_h0", "grad_c0", "grad_w_ih", "grad_w_hh", "grad_bias", "grad_w_hr"]
+
+
+def backward_call(packed):
+    """The raw backward op's arguments for a layer with bias and projection, after its forward."""
+    kwargs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in gradcheck_inputs(True, True, packed).items()}
+    out, h_n, c_n, gates, cells = torch.ops.fused_lstm.lstm_layer_forward(*kwargs.values(), True)
+    grads = [torch.randn_like(t) for t in (out, h_n, c_n)]
+    names = ["x", "h0", "c0", "w_ih", "w_hh", "w_hr", "batch_sizes"]
+    return [*grads, *(kwargs[n] for n in names), True, True, out, gates, cells]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("skipped", [*BACKWARD_RESULTS, "weights", "all"])
+def test_backward_computes_what_its_mask_asks_for(packed, skipped):
+    """Unwanted results come back as empty placeholders; the wanted ones are the very bits of a full call."""
+    args = backward_call(packed)
+    off = {"weights": {"grad_w_ih", "grad_w_hh", "grad_bias", "grad_w_hr"}, "all": set(BACKWARD_RESULTS)}.get(skipped, {skipped})
+    mask = [name not in off for name in BACKWARD_RESULTS]
+    full = torch.ops.fused_lstm.lstm_layer_backward(*args)
+    masked = torch.ops.fused_lstm.lstm_layer_backward(*args, mask)
+    for name, wanted, f, m in zip(BACKWARD_RESULTS, mask, full, masked, strict=True):
+        if wanted:
+            assert torch.equal(m, f), name
+        else:
+            assert m.shape == (0,), name
+
+
+@pytest.mark.parametrize("frozen", ["x", "weights", "state", "nothing"])
+def test_autograd_asks_only_for_the_gradients_its_inputs_need(frozen):
+    """Backward's output_mask follows requires_grad (no GEMM for data input or frozen weights), and the
+    gradients that are asked for equal those of a call where everything requires grad."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class BackwardMasks(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.masks = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.fused_lstm.lstm_layer_backward.default:
+                self.masks.append(list(args[15]) if len(args) > 15 else [True] * 7)
+            return func(*args, **(kwargs or {}))
+
+    kwargs = gradcheck_inputs(True, True, False)
+    groups = {"x": ["x"], "weights": ["w_ih", "w_hh", "b_ih", "b_hh", "w_hr"], "state": ["h0", "c0"], "nothing": []}
+    expected_grads = torch.autograd.grad(sum(t.sum() for t in lstm_layer(**kwargs)), list(kwargs.values())[:8])
+    for name in groups[frozen]:
+        kwargs[name] = kwargs[name].detach()
+    needing = [name for name in list(kwargs)[:8] if kwargs[name].requires_grad]
+    with BackwardMasks() as recorder:
+        grads = torch.autograd.grad(sum(t.sum() for t in lstm_layer(**kwargs)), [kwargs[n] for n in needing])
+    frozen_results = {"x": {"grad_x"}, "weights": {"grad_w_ih", "grad_w_hh", "grad_bias", "grad_w_hr"},
+                      "state": {"grad_h0", "grad_c0"}, "nothing": set()}[frozen]  # fmt: skip
+    assert recorder.masks == [[name not in frozen_results for name in BACKWARD_RESULTS]]
+    expected = dict(zip(list(kwargs)[:8], expected_grads))
+    for name, grad in zip(needing, grads, strict=True):
+        torch.testing.assert_close(grad, expected[name], **TOLERANCE[torch.float64])

@@ -34,3 +34,11 @@ def test_opcheck_backward(bias, proj, packed):
     args = [torch.randn_like(out), torch.randn_like(h_n), torch.randn_like(c_n), x, h0, c0, w_ih, w_hh, w_hr,
             batch_sizes, False, bias, out, gates, cells]  # fmt: skip
     torch.library.opcheck(torch.ops.fused_lstm.lstm_layer_backward.default, args)
+
+
+def test_opcheck_backward_with_output_mask():
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes = forward_args(True, True, False, False)
+    out, h_n, c_n, gates, cells = torch.ops.fused_lstm.lstm_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, False)
+    args = [torch.randn_like(out), torch.randn_like(h_n), torch.randn_like(c_n), x, h0, c0, w_ih, w_hh, w_hr,
+            batch_sizes, False, True, out, gates, cells, [False, True, True, False, True, False, True]]  # fmt: skip
+    torch.library.opcheck(torch.ops.fused_lstm.lstm_layer_backward.default, args)

@@ -46,10 +46,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const at::Tensor& x,
     const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& batch_sizes, bool reverse,
-    bool has_bias, const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells) {
+    bool has_bias, const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
+    BackwardMask output_mask) {
   const c10::OptionalDeviceGuard guard(x.device());
   return lstm_layer_backward<CudaBackend>(grad_output, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes,
-                                       reverse, has_bias, output, gates, cells);
+                                       reverse, has_bias, output, gates, cells, output_mask);
 }
 
 }  // namespace
