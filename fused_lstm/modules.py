@@ -33,10 +33,8 @@ class LSTM(nn.LSTM):
     def _weights(self) -> list[Tensor]:
         """The current weights in nn.LSTM's _flat_weights order. nn.LSTM refreshes _flat_weights when a weight
         object changed, checking each against a weak reference (17 us a call for one layer, measured); reading
-        them is cheaper. A parametrized weight (torch.nn.utils.parametrize) is not in _parameters, and is
-        computed by its getattr."""
-        params = self._parameters
-        return [params[name] if name in params else getattr(self, name) for name in self._flat_weights_names]
+        them is cheaper."""
+        return _parameters_named(self, self._flat_weights_names)
 
     def _forward_dense(self, input: Tensor, hx, weights: list[Tensor]):
         if input.dim() not in (2, 3):
@@ -210,37 +208,34 @@ class LSTMCell(nn.LSTMCell):
         if isinstance(hx, Tensor):
             raise TypeError("lstm_cell(): argument 'hx' (position 2) must be tuple of Tensors, not Tensor")
         dtype = _cell_autocast_dtype(input)
-        self._check_cell_args(input, hx, check_dtypes=dtype is None)
-        weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
-        output, _, c_1 = lstm_layer(
-            _cast(input.unsqueeze(0), dtype), *(_cast(t, dtype) for t in (*hx, *weights))
-        )
-        h_1 = output[0]
+        weights = _parameters_named(self, _CELL_WEIGHTS)
+        self._check_cell_args(input, hx, *weights[:2], check_dtypes=dtype is None)
+        args = (input.unsqueeze(0), hx[0], hx[1], *weights)  # a sequence of one step
+        output, _, c_1 = lstm_layer(*(args if dtype is None else (_cast(t, dtype) for t in args)))
+        h_1 = output.squeeze(0)
         if dtype is not None:
             h_1, c_1 = _promoted_to_cell_state((h_1, c_1), dtype, hx[1])
         if not is_batched:
             return h_1.squeeze(0), c_1.squeeze(0)
         return h_1, c_1
 
-    def _check_cell_args(self, input: Tensor, hx, check_dtypes: bool) -> None:
+    @staticmethod
+    def _check_cell_args(input: Tensor, hx, w_ih: Tensor, w_hh: Tensor, check_dtypes: bool) -> None:
         """The checks of ATen's lstm_cell, in its order and with its messages (its dtype checks only outside
         autocast, which casts first)."""
         if len(hx) != 2:
             raise RuntimeError("lstm_cell expects two hidden states")
-        w_ih, w_hh = self.weight_ih, self.weight_hh
-        hidden = w_hh.size(1)
-        if input.size(1) != w_ih.size(1):
-            raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {w_ih.size(1)}")
+        hidden, (batch, features) = w_hh.size(1), input.shape
+        if features != w_ih.size(1):
+            raise RuntimeError(f"input has inconsistent input_size: got {features} expected {w_ih.size(1)}")
         for name, weight in (("weight_ih", w_ih), ("weight_hh", w_hh)):
             if weight.size(0) != 4 * hidden:
                 raise RuntimeError(
                     f"{name} first dim must be 4 * hidden_size = {4 * hidden}, but got {weight.size(0)}"
                 )
         for idx, state in enumerate(hx):
-            if state.size(0) != input.size(0):
-                raise RuntimeError(
-                    f"Input batch size {input.size(0)} doesn't match hidden{idx} batch size {state.size(0)}"
-                )
+            if state.size(0) != batch:
+                raise RuntimeError(f"Input batch size {batch} doesn't match hidden{idx} batch size {state.size(0)}")
             if state.size(1) != hidden:
                 raise RuntimeError(f"hidden{idx} has inconsistent hidden_size: got {state.size(1)}, expected {hidden}")
         if not check_dtypes:
@@ -249,6 +244,17 @@ class LSTMCell(nn.LSTMCell):
             _check_matmul_dtypes(mat1.dtype, mat2.dtype)
         if hx[1].dtype != input.dtype:
             raise RuntimeError(f"LSTMCell: hx[1] (c_0) has dtype {hx[1].dtype} but the input has dtype {input.dtype}")
+
+
+_CELL_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
+def _parameters_named(module: nn.Module, names) -> list[Tensor | None]:
+    """module's parameters of these names, read from _parameters: nn.Module's __getattr__ costs about a
+    microsecond each, a good part of a small call. A parametrized weight (torch.nn.utils.parametrize) is not in
+    _parameters, and is computed by its getattr."""
+    params = module._parameters
+    return [params[name] if name in params else getattr(module, name) for name in names]
 
 
 def _autocast_dtype(input: Tensor) -> torch.dtype | None:

@@ -104,6 +104,22 @@ def test_weight_norm_and_parametrization():
     assert ours.parametrizations.weight_hh_l0.original.grad is not None
 
 
+def test_cell_reads_parametrized_and_functional_weights():
+    """LSTMCell reads its weights from _parameters where they are there: a parametrization (computed by
+    getattr) and functional_call (swapped in) must still reach the op."""
+    torch.manual_seed(0)
+    ref, ours = nn.LSTMCell(3, 5), fused_lstm.LSTMCell(3, 5)
+    ours.load_state_dict(ref.state_dict())
+    for m in (ref, ours):
+        parametrize.register_parametrization(m, "weight_hh", _Doubled())
+    x, hx = torch.randn(2, 3), (torch.randn(2, 5), torch.randn(2, 5))
+    for expected, actual in zip(ref(x, hx), ours(x, hx)):
+        torch.testing.assert_close(actual, expected, **TOLERANCE[torch.float32])
+    zeros = {name: torch.zeros_like(p) for name, p in ours.named_parameters()}
+    h, c = functional_call(ours, zeros, (x,))
+    assert h.abs().max() == 0 and c.abs().max() == 0
+
+
 class _Doubled(nn.Module):
     def forward(self, w):
         return 2 * w
