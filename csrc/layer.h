@@ -97,10 +97,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
 
   // After the buffers, so that sizes too large for memory fail in at::empty, with its message.
   const auto schedule = make_schedule(dims, batch_sizes, reverse);
-  const std::unique_ptr<ForwardStepper> stepper = Backend::make_forward_stepper(b, schedule);
-  for (const Step& step : schedule) {
-    stepper->run(step);
-  }
+  Backend::make_forward_stepper(b, schedule)->run_all(schedule);
   const auto output_shape = batch_sizes.has_value()
                                 ? std::vector<int64_t>{dims.rows, dims.output}
                                 : std::vector<int64_t>{dims.steps, dims.batch, dims.output};

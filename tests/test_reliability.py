@@ -128,8 +128,11 @@ def layer_call(dtype, steps, batch, inp, hidden, proj, packed, seed=0):
 DETERMINISM_SHAPES = [  # steps, batch, input, hidden, proj
     (5, 3, 4, 8, 0), (5, 4, 8, 64, 0), (4, 8, 16, 256, 0), (4, 12, 8, 1024, 0), (4, 20, 8, 64, 0),
     (3, 8, 2000, 64, 0), (5, 16, 2000, 64, 32), (7, 3, 300, 40, 0), (4, 32, 64, 256, 128),
-    # up to 2 rows: the small kernel, and the step split over threads by hidden units (from 2^16 multiply-adds)
+    # up to 2 rows, on the BLAS (too few steps to prepare the weights for the small kernel)
     (5, 1, 16, 256, 0), (5, 2, 8, 200, 0), (5, 1, 16, 128, 64), (5, 2, 4, 16, 0),
+    # up to 2 rows, prepared: the small kernel, and the sequence split over threads by hidden units (from 2^16
+    # multiply-adds a step; 96 units are three panels, split unevenly)
+    (40, 1, 8, 64, 0), (40, 1, 8, 128, 0), (40, 2, 4, 96, 0),
     # a one-step call with a large weight: the input projection split by columns too
     (1, 3, 512, 256, 0),
 ]  # fmt: skip

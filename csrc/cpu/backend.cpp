@@ -488,13 +488,16 @@ class BlasForwardStepper final : public ForwardStepper {
     }
   }
 
-  void run(const Step& step) override {
-    const int64_t H = w_.hidden, Hout = w_.output, rows = step.rows;
-    if (!project_ && threads_ > 1 && rows <= StepGemm<S>::kMaxSmallRows && recurrent_.front().has_panels() &&
-        rows * Hout * 4 * H >= kMinMultiplyAddsToSplit) {
-      run_split(step);
+  void run_all(const std::vector<Step>& schedule) override {
+    if (splits(schedule)) {
+      run_split(schedule);
       return;
     }
+    ForwardStepper::run_all(schedule);
+  }
+
+  void run(const Step& step) override {
+    const int64_t H = w_.hidden, Hout = w_.output, rows = step.rows;
     S* gates = gates_ + step.offset * 4 * H;
     S* output = output_ + step.offset * Hout;
     add_recurrent(rows, gates);
@@ -508,10 +511,6 @@ class BlasForwardStepper final : public ForwardStepper {
   }
 
  private:
-  // Splitting a step of up to kMaxSmallRows rows pays from this much work; less stays on one thread.
-  // (Larger batches go to the tiled BLAS GEMM, whose tiles the threads share.)
-  static constexpr int64_t kMinMultiplyAddsToSplit = 1 << 16;
-
   // gates[rows, 4H] += h_{t-1} W_hh^T. Past the smallest batches, one tiled BLAS GEMM over all four gates
   // (measured: 1.3x the per-gate small kernel split over threads at B=8, H=128, and 1.15x per-gate tiles at
   // B=32, H=256).
@@ -528,13 +527,30 @@ class BlasForwardStepper final : public ForwardStepper {
     all_gates_(rows, h_state_, gates, 4 * H);
   }
 
-  // One step without projection and with a small batch, in one parallel region: each thread takes a block
-  // of hidden units, computes those columns of all four gates' GEMM, waits for the others (all of them read
-  // h_{t-1} in h_state), then runs the cell on its hidden units, writing h_t and c_t in place. One fork-join
-  // a step, and each thread keeps reading the same slice of the weights, which stays in its core's cache.
-  void run_split(const Step& step) {
-    const int64_t H = w_.hidden, rows = step.rows;
-    S* gates = gates_ + step.offset * 4 * H;
+  // Whether the sequence runs split over threads (run_split): small batches without projection, on weights
+  // packed into panels, with a panel of hidden units for every thread and this much work a step. Less stays
+  // on one thread, where a step costs no barrier (measured on 2 threads, T = 50: H = 64 and 96 at B = 1 ran
+  // 104 against 143 us and 226 against 287 split; B = 2 at H = 64 was even; H = 128 gained 4%).
+  bool splits(const std::vector<Step>& schedule) const {
+    constexpr int64_t kMinMultiplyAddsToSplit = 1 << 16;
+    const int64_t H = w_.hidden, rows = schedule.empty() ? 0 : schedule.front().rows;
+    const bool small = std::all_of(schedule.begin(), schedule.end(),
+                                   [](const Step& s) { return s.rows <= StepGemm<S>::kMaxSmallRows; });
+    return !project_ && threads_ > 1 && small && recurrent_.front().has_panels() &&
+           tile_count(H, StepGemm<S>::kPanel) >= threads_ && rows * w_.output * 4 * H >= kMinMultiplyAddsToSplit;
+  }
+
+  // The whole sequence in one parallel region. Each thread takes a block of hidden units and, at every
+  // step, computes those columns of all four gates' GEMM and runs the cell on them, writing its part of
+  // h_t and c_t; then all wait at a barrier, since the next step reads all of h_t. The threads keep reading
+  // the same slices of the weights, which stay in their cores' caches (for H = 64, half of W_hh fits in L1),
+  // and a step costs one barrier, not a fork-join. Each thread reads h_{t-1} from the previous step's output
+  // rows (or h0's, where a sequence starts) into a buffer of its own: h_state is being written meanwhile.
+  void run_split(const std::vector<Step>& schedule) {
+    const int64_t H = w_.hidden, Hout = w_.output;
+    const auto widest = [](const Step& a, const Step& b) { return a.rows < b.rows; };
+    const int64_t batch = std::max_element(schedule.begin(), schedule.end(), widest)->rows;
+    const std::vector<S> h0(h_state_, h_state_ + batch * Hout);
     constexpr int64_t kAlign = StepGemm<S>::kPanel;
 #pragma omp parallel num_threads(threads_)
     {
@@ -542,17 +558,25 @@ class BlasForwardStepper final : public ForwardStepper {
       const int64_t blocks = tile_count(H, kAlign);
       const int64_t j0 = std::min(H, t * blocks / threads * kAlign);
       const int64_t j1 = std::min(H, (t + 1) * blocks / threads * kAlign);
-      if (j0 < j1) {
-        for (int64_t gate = 0; gate < 4; ++gate) {
-          recurrent_[gate].columns(rows, j0, j1, h_state_, gates + gate * H, 4 * H);
+      std::vector<S> h_prev(StepGemm<S>::kMaxSmallRows * Hout);
+      const Step* before = nullptr;
+      for (const Step& step : schedule) {
+        S* gates = gates_ + step.offset * 4 * H;
+        const S* carried_from = before != nullptr ? output_ + before->offset * Hout : nullptr;
+        std::copy_n(carried_from, step.carried * Hout, h_prev.data());
+        std::copy(h0.begin() + step.carried * Hout, h0.begin() + step.rows * Hout,
+                  h_prev.begin() + step.carried * Hout);
+        if (j0 < j1) {
+          for (int64_t gate = 0; gate < 4; ++gate) {
+            recurrent_[gate].columns(step.rows, j0, j1, h_prev.data(), gates + gate * H, 4 * H);
+          }
+          ForwardPointers<S> p{H, gates, c_state_, cells_ + step.offset * H, output_ + step.offset * H, h_state_};
+          p.col_begin = j0;
+          p.col_end = j1;
+          loop_(p, 0, step.rows);
         }
-      }
 #pragma omp barrier
-      if (j0 < j1) {
-        ForwardPointers<S> p{H, gates, c_state_, cells_ + step.offset * H, output_ + step.offset * H, h_state_};
-        p.col_begin = j0;
-        p.col_end = j1;
-        loop_(p, 0, rows);
+        before = &step;
       }
     }
   }
