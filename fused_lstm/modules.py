@@ -43,22 +43,11 @@ class LSTM(nn.LSTM):
         batch_dim = 0 if self.batch_first else 1
         if not is_batched:
             input = input.unsqueeze(batch_dim)
-        if hx is None:
-            hx = self._zero_state(input, input.size(batch_dim))
-        elif is_batched:
-            if hx[0].dim() != 3 or hx[1].dim() != 3:
-                raise RuntimeError(
-                    "For batched 3-D input, hx and cx should also be 3-D but got "
-                    f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
-                )
+        if hx is None:  # zeros, made in _run_layers: nothing to check
+            self.check_input(input, None)
         else:
-            if hx[0].dim() != 2 or hx[1].dim() != 2:
-                raise RuntimeError(
-                    "For unbatched 2-D input, hx and cx should also be 2-D but got "
-                    f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
-                )
-            hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
-        self.check_forward_args(input, hx, None)
+            hx = _batched_state(hx, is_batched)
+            self.check_forward_args(input, hx, None)
         autocast = _autocast_dtype(input)
         self._check_state_and_parameters(input, hx, weights, autocast)
         if input.size(1 - batch_dim) == 0:
@@ -123,9 +112,11 @@ class LSTM(nn.LSTM):
                 )
 
     def _check_state_and_parameters(self, input: Tensor, hx, weights: list[Tensor], autocast: torch.dtype | None) -> None:
-        """What nn.LSTM's C++ checks, with its messages; and the dtype of hx, where its messages are accidents
-        of the backend (CONTRACT.md 3.3), with one that names the tensor."""
-        if len(hx) != 2:
+        """What nn.LSTM's C++ checks, with its messages; and the dtype of hx (None: zeros, made alike), where its
+        messages are accidents of the backend (CONTRACT.md 3.3), with one that names the tensor."""
+        if hx is None:
+            hx = ()
+        elif len(hx) != 2:
             raise RuntimeError("lstm expects two hidden states")
         for state in hx:
             if state.device != input.device:
@@ -158,22 +149,28 @@ class LSTM(nn.LSTM):
     def _run_layers(
         self, x: Tensor, batch_sizes: Tensor | None, hx, weights: list[Tensor], dtype: torch.dtype | None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """x: [T, B, I] or packed [N, I]; hx: ([L*D, B, Hout], [L*D, B, H]); weights: _weights(); dtype:
-        autocast's, or None -> output, h_n, c_n.
+        """x: [T, B, I] or packed [N, I]; hx: ([L*D, B, Hout], [L*D, B, H]), or None for zeros (dense x only);
+        weights: _weights(); dtype: autocast's, or None -> output, h_n, c_n.
 
         Dropout follows every layer but the last, in training, drawn as F.dropout draws it (so a seed gives
         nn.LSTM's masks); h_n and c_n are taken before it.
         """
         directions = 2 if self.bidirectional else 1
-        h0, c0 = _cast(hx[0], dtype), _cast(hx[1], dtype)
         h_n, c_n = [], []
         layer_input = _cast(x, dtype)
+        if hx is None:  # one zero state for every layer (the op copies its h0 and c0): a small call's saving
+            h_zeros = layer_input.new_zeros(x.size(1), self.proj_size or self.hidden_size)
+            c_zeros = h_zeros if not self.proj_size else layer_input.new_zeros(x.size(1), self.hidden_size)
+            initial_state = lambda index: (h_zeros, c_zeros)  # noqa: E731
+        else:
+            h0, c0 = _cast(hx[0], dtype), _cast(hx[1], dtype)
+            initial_state = lambda index: (h0[index], c0[index])  # noqa: E731
         for layer in range(self.num_layers):
             outputs = []
             for direction in range(directions):
                 index = layer * directions + direction
                 output, h, c = lstm_layer(
-                    layer_input, h0[index], c0[index], *self._layer_weights(weights, index, dtype),
+                    layer_input, *initial_state(index), *self._layer_weights(weights, index, dtype),
                     batch_sizes=batch_sizes, reverse=direction == 1,
                 )  # fmt: skip
                 outputs.append(output)
@@ -244,6 +241,24 @@ class LSTMCell(nn.LSTMCell):
             _check_matmul_dtypes(mat1.dtype, mat2.dtype)
         if hx[1].dtype != input.dtype:
             raise RuntimeError(f"LSTMCell: hx[1] (c_0) has dtype {hx[1].dtype} but the input has dtype {input.dtype}")
+
+
+def _batched_state(hx, is_batched: bool):
+    """A given hx of dense input, checked against the input's rank (nn.LSTM's messages); with a batch
+    dimension of 1 added for unbatched input."""
+    if is_batched:
+        if hx[0].dim() != 3 or hx[1].dim() != 3:
+            raise RuntimeError(
+                "For batched 3-D input, hx and cx should also be 3-D but got "
+                f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+            )
+        return hx
+    if hx[0].dim() != 2 or hx[1].dim() != 2:
+        raise RuntimeError(
+            "For unbatched 2-D input, hx and cx should also be 2-D but got "
+            f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+        )
+    return hx[0].unsqueeze(1), hx[1].unsqueeze(1)
 
 
 _CELL_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
