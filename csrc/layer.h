@@ -145,10 +145,7 @@ lstm_layer_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, c
   b.d_output_all = project ? at::empty({dims.rows, dims.output}, x.options()) : at::Tensor();
   b.d_unprojected = project ? at::empty({dims.batch, dims.hidden}, x.options()) : at::Tensor();
 
-  const std::unique_ptr<BackwardStepper> stepper = Backend::make_backward_stepper(b, schedule);
-  for (auto step = schedule.rbegin(); step != schedule.rend(); ++step) {
-    stepper->run(*step);
-  }
+  Backend::make_backward_stepper(b, schedule)->run_all(schedule);
 
   const auto wanted = [&](BackwardOutput result, bool exists = true) { return exists && output_mask[result]; };
   const auto none = [&] { return at::empty({0}, x.options()); };

@@ -69,6 +69,13 @@ class BackwardStepper {
   // d_h = d_h_state + grad_output[t]; through the projection and the cell to d_gates[t] and d_c_state;
   // then d_h_state = d_gates[t] W_hh (dL/dh_{t-1}).
   virtual void run(const Step& step) = 0;
+  // Every step of the schedule, from its last to its first: one run() each, unless a backend has a loop of
+  // its own over the whole sequence.
+  virtual void run_all(const std::vector<Step>& schedule) {
+    for (auto step = schedule.rbegin(); step != schedule.rend(); ++step) {
+      run(*step);
+    }
+  }
 };
 
 // The cell alone, on per-step views: the pointwise kernel interface of backends whose GEMMs go through ATen.

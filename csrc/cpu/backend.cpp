@@ -465,6 +465,32 @@ at::Tensor transposed(const at::Tensor& weight) {
   return out;
 }
 
+// Small batches split over threads by hidden units (the steppers' run_split): for a sequence of up to
+// kMaxSmallRows rows a step, without projection, on weights packed into panels, with a panel of hidden units
+// for every thread and this much work a step. Less stays on one thread, where a step costs no barrier
+// (measured on 2 threads, T = 50 forward: H = 64 and 96 at B = 1 ran 104 against 143 us and 226 against 287
+// split; B = 2 at H = 64 was even; H = 128 gained 4%).
+template <typename S>
+bool splits_over_threads(const std::vector<Step>& schedule, bool project, bool has_panels, const Widths& w,
+                         int threads) {
+  constexpr int64_t kMinMultiplyAddsToSplit = 1 << 16;
+  const int64_t rows = schedule.empty() ? 0 : schedule.front().rows;
+  const bool small = std::all_of(schedule.begin(), schedule.end(),
+                                 [](const Step& s) { return s.rows <= StepGemm<S>::kMaxSmallRows; });
+  return !project && threads > 1 && small && has_panels && tile_count(w.hidden, StepGemm<S>::kPanel) >= threads &&
+         rows * w.output * 4 * w.hidden >= kMinMultiplyAddsToSplit;
+}
+
+// Inside a parallel region: the hidden units [begin, end) of the calling thread, in whole panels (the small
+// kernel computes each column alike whichever panels a call covers, so the split changes no result).
+template <typename S>
+std::pair<int64_t, int64_t> this_threads_units(int64_t hidden) {
+  constexpr int64_t kAlign = StepGemm<S>::kPanel;
+  const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+  const int64_t blocks = tile_count(hidden, kAlign);
+  return {std::min(hidden, t * blocks / threads * kAlign), std::min(hidden, (t + 1) * blocks / threads * kAlign)};
+}
+
 template <typename S>
 class BlasForwardStepper final : public ForwardStepper {
  public:
@@ -489,7 +515,7 @@ class BlasForwardStepper final : public ForwardStepper {
   }
 
   void run_all(const std::vector<Step>& schedule) override {
-    if (splits(schedule)) {
+    if (splits_over_threads<S>(schedule, project_, recurrent_.front().has_panels(), w_, threads_)) {
       run_split(schedule);
       return;
     }
@@ -527,19 +553,6 @@ class BlasForwardStepper final : public ForwardStepper {
     all_gates_(rows, h_state_, gates, 4 * H);
   }
 
-  // Whether the sequence runs split over threads (run_split): small batches without projection, on weights
-  // packed into panels, with a panel of hidden units for every thread and this much work a step. Less stays
-  // on one thread, where a step costs no barrier (measured on 2 threads, T = 50: H = 64 and 96 at B = 1 ran
-  // 104 against 143 us and 226 against 287 split; B = 2 at H = 64 was even; H = 128 gained 4%).
-  bool splits(const std::vector<Step>& schedule) const {
-    constexpr int64_t kMinMultiplyAddsToSplit = 1 << 16;
-    const int64_t H = w_.hidden, rows = schedule.empty() ? 0 : schedule.front().rows;
-    const bool small = std::all_of(schedule.begin(), schedule.end(),
-                                   [](const Step& s) { return s.rows <= StepGemm<S>::kMaxSmallRows; });
-    return !project_ && threads_ > 1 && small && recurrent_.front().has_panels() &&
-           tile_count(H, StepGemm<S>::kPanel) >= threads_ && rows * w_.output * 4 * H >= kMinMultiplyAddsToSplit;
-  }
-
   // The whole sequence in one parallel region. Each thread takes a block of hidden units and, at every
   // step, computes those columns of all four gates' GEMM and runs the cell on them, writing its part of
   // h_t and c_t; then all wait at a barrier, since the next step reads all of h_t. The threads keep reading
@@ -551,13 +564,9 @@ class BlasForwardStepper final : public ForwardStepper {
     const auto widest = [](const Step& a, const Step& b) { return a.rows < b.rows; };
     const int64_t batch = std::max_element(schedule.begin(), schedule.end(), widest)->rows;
     const std::vector<S> h0(h_state_, h_state_ + batch * Hout);
-    constexpr int64_t kAlign = StepGemm<S>::kPanel;
 #pragma omp parallel num_threads(threads_)
     {
-      const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
-      const int64_t blocks = tile_count(H, kAlign);
-      const int64_t j0 = std::min(H, t * blocks / threads * kAlign);
-      const int64_t j1 = std::min(H, (t + 1) * blocks / threads * kAlign);
+      const auto [j0, j1] = this_threads_units<S>(H);
       std::vector<S> h_prev(StepGemm<S>::kMaxSmallRows * Hout);
       const Step* before = nullptr;
       for (const Step& step : schedule) {
@@ -622,6 +631,14 @@ class BlasBackwardStepper final : public BackwardStepper {
         projection_(pointer_or_null<S>(b.w_hr), w_.hidden, w_.hidden, w_.output, /*accumulate=*/false,
                     prepare_for_) {}
 
+  void run_all(const std::vector<Step>& schedule) override {
+    if (splits_over_threads<S>(schedule, project_, recurrent_.has_panels(), w_, threads_)) {
+      run_split(schedule);
+      return;
+    }
+    BackwardStepper::run_all(schedule);
+  }
+
   void run(const Step& step) override {
     const int64_t H = w_.hidden, Hout = w_.output, rows = step.rows;
     const S* grad_output = grad_output_ + step.offset * Hout;
@@ -643,6 +660,37 @@ class BlasBackwardStepper final : public BackwardStepper {
   }
 
  private:
+  // The whole sequence in one parallel region, as the forward stepper's run_split: each thread takes a block
+  // of hidden units and, at every step, adds grad_output to their dL/dh_t, runs the cell backward on them
+  // and, once all threads are past that (a barrier: the GEMM reads every unit's d_gates), computes their
+  // columns of dL/dh_{t-1} = d_gates W_hh. The next step's cell reads only the thread's own units of it, so
+  // a step costs that one barrier.
+  void run_split(const std::vector<Step>& schedule) {
+    const int64_t H = w_.hidden;
+#pragma omp parallel num_threads(threads_)
+    {
+      const auto [j0, j1] = this_threads_units<S>(H);
+      for (auto step = schedule.rbegin(); step != schedule.rend(); ++step) {
+        S* d_gates = d_gates_ + step->offset * 4 * H;
+        for (int64_t row = 0; row < step->rows; ++row) {
+          const S* grad_output = grad_output_ + (step->offset + row) * H;
+          for (int64_t j = j0; j < j1; ++j) {
+            d_h_state_[row * H + j] += grad_output[j];
+          }
+        }
+        BackwardPointers<S> p{H, gates_ + step->offset * 4 * H, cells_ + step->offset * H,
+                              c_prev_ + step->offset * H, d_h_state_, d_c_state_, d_gates};
+        p.col_begin = j0;
+        p.col_end = j1;
+        loop_(p, 0, step->rows);
+#pragma omp barrier
+        if (j0 < j1) {
+          recurrent_.columns(step->rows, j0, j1, d_gates, d_h_state_, H);
+        }
+      }
+    }
+  }
+
   Widths w_;
   bool project_;
   const S* gates_;
@@ -658,7 +706,8 @@ class BlasBackwardStepper final : public BackwardStepper {
   const std::vector<Step>& prepare_for_;  // steps_to_prepare: the schedule, or no steps
   StepGemm<S> recurrent_;   // dL/dh_{t-1} = d_gates W_hh
   StepGemm<S> projection_;  // dL/d(unprojected h) = dL/dh W_hr
-  AlternatingSweep sweep_;  // recurrent_'s panel order, small batches
+  AlternatingSweep sweep_;  // recurrent_'s panel order, small batches on one thread
+  int threads_ = at::get_num_threads();
 };
 
 // The largest GEMM dimension of a layer call's steps, for blas::available.

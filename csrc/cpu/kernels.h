@@ -33,6 +33,8 @@ struct BackwardPointers {
   const scalar_t* d_hidden;  // [rows, H]  dL/dh_t (unprojected)
   scalar_t* d_c;             // [rows, H]  in: dL/dc_t from step t+1; out: dL/dc_{t-1}
   scalar_t* d_gates;         // [rows, 4H] out: dL/d(pre-activations)
+  int64_t col_begin = 0;     // the hidden units [col_begin, col_end) of each row to process;
+  int64_t col_end = -1;      // -1: up to H
 };
 
 // C[rows, n] = A[rows, k] B[k, n] (+ C if accumulate): the per-step GEMM of a small batch, where a BLAS call

@@ -105,8 +105,9 @@ void backward_rows_as(const BackwardPointers<S>& p, int64_t row_begin, int64_t r
     const S* d_hidden = p.d_hidden + row * H;
     S* d_c = p.d_c + row * H;
     S* d_gates = p.d_gates + row * 4 * H;
-    for (int64_t j = 0; j < H; j += L::width) {
-      const int64_t n = std::min(L::width, H - j);
+    const int64_t end = p.col_end < 0 ? H : p.col_end;
+    for (int64_t j = p.col_begin; j < end; j += L::width) {
+      const int64_t n = std::min(L::width, end - j);
       const auto r = cell_backward(L::load(gates + j, n), L::load(gates + H + j, n), L::load(gates + 2 * H + j, n),
                                    L::load(gates + 3 * H + j, n), L::load(cells + j, n), L::load(c_prev + j, n),
                                    L::load(d_hidden + j, n), L::load(d_c + j, n));
