@@ -64,13 +64,21 @@ class Layer : public torch::autograd::Function<Layer> {
                             w_hr.value_or(absent), batch_sizes.value_or(absent), output, gates, cells});
     ctx->saved_data["reverse"] = reverse;
     ctx->mark_non_differentiable({gates, cells});
+    // Left to materialize, the context would fill a zero tensor for every output without a gradient at every
+    // backward, gates [N, 4H] and cells [N, H] among them (they have none): backward makes the few it needs.
+    ctx->set_materialize_grads(false);
     return {output, h_n, c_n, gates, cells};
   }
 
-  // grads: dL/d(output, h_n, c_n, gates, cells), zeros where unused (the context materializes them); the last
-  // two are never used, as gates and cells are not differentiable. Returns one gradient per argument.
+  // grads: dL/d(output, h_n, c_n, gates, cells), undefined where none flows; the last two are never used, as
+  // gates and cells are not differentiable. Returns one gradient per argument.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
+    for (auto [grad, like] : {std::pair<at::Tensor*, int>{&grads[0], kOutput}, {&grads[1], kH0}, {&grads[2], kC0}}) {
+      if (!grad->defined()) {  // h_n is shaped like h0, c_n like c0
+        *grad = at::zeros(saved[like].sizes(), saved[like].options());
+      }
+    }
     const bool reverse = ctx->saved_data["reverse"].toBool();
     const auto needed = needs_input_grad(ctx, saved);
     variable_list result(kArguments);

@@ -179,13 +179,15 @@ class _FunctorchLayer(torch.autograd.Function):
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse = inputs
         out, _, _, gates, cells = output
         ctx.mark_non_differentiable(gates, cells)
+        ctx.set_materialize_grads(False)  # as the C++ autograd: no zero gradients for gates and cells
         ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, out, gates, cells)
         ctx.reverse = reverse
 
     @staticmethod
     def backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, out, gates, cells = ctx.saved_tensors
-        grads = (grad_output, grad_h_n, grad_c_n)
+        grads = tuple(torch.zeros_like(like) if grad is None else grad
+                      for grad, like in ((grad_output, out), (grad_h_n, h0), (grad_c_n, c0)))  # fmt: skip
         needed = ctx.needs_input_grad[:8]
         if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable themselves
             result = _recompute_backward(*grads, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, ctx.reverse,

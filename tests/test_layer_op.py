@@ -264,3 +264,40 @@ def test_autograd_asks_only_for_the_gradients_its_inputs_need(frozen):
     expected = dict(zip(list(kwargs)[:8], expected_grads))
     for name, grad in zip(needing, grads, strict=True):
         torch.testing.assert_close(grad, expected[name], **TOLERANCE[torch.float64])
+
+
+@pytest.mark.parametrize("functorch", [False, True])
+def test_backward_fills_no_zero_gradients_for_gates_and_cells(functorch):
+    """gates [N, 4H] and cells [N, H] get no gradient: autograd must not fill zeros of their size at every
+    backward (it did, 2 of the 4 zero tensors of each call). The missing gradients of h_n and c_n, [B, H],
+    are made."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ZeroFills(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten.zero_.default, torch.ops.aten.zeros.default, torch.ops.aten.zeros_like.default,
+                        torch.ops.aten.fill_.Scalar):  # fmt: skip
+                self.shapes.append(tuple(out.shape))
+            return out
+
+    kwargs = gradcheck_inputs(True, False, False)
+    w_ih = kwargs["w_ih"]
+    rows = T * B
+    if functorch:
+        def loss(w):
+            return lstm_layer(**{**kwargs, "w_ih": w})[0].sum()
+
+        with ZeroFills() as fills:
+            grad = torch.func.grad(loss)(w_ih.detach())
+    else:
+        output, _, _ = lstm_layer(**kwargs)
+        with ZeroFills() as fills:
+            (grad,) = torch.autograd.grad(output.sum(), [w_ih])
+    assert grad.shape == w_ih.shape and grad.abs().sum() > 0
+    assert (rows, 4 * H) not in fills.shapes and (rows, H) not in fills.shapes, fills.shapes
+    assert fills.shapes.count((B, H)) == 2, fills.shapes
