@@ -76,7 +76,7 @@ class Layer : public torch::autograd::Function<Layer> {
     const variable_list saved = ctx->get_saved_variables();
     for (auto [grad, like] : {std::pair<at::Tensor*, int>{&grads[0], kOutput}, {&grads[1], kH0}, {&grads[2], kC0}}) {
       if (!grad->defined()) {  // h_n is shaped like h0, c_n like c0
-        *grad = at::zeros(saved[like].sizes(), saved[like].options());
+        *grad = at::zeros_symint(saved[like].sym_sizes(), saved[like].options());  // symbolic under compile
       }
     }
     const bool reverse = ctx->saved_data["reverse"].toBool();

@@ -2,8 +2,9 @@
 // writes, and the objects that run steps.
 //
 // A layer call allocates whole-sequence buffers once; a backend's stepper is built on them (where it can
-// take raw pointers, pack weights, and so on, once per call) and then runs one step at a time. Step t owns
-// rows [offset, offset + rows) of the [N, *] buffers and the leading `rows` rows of the [B, *] state buffers.
+// take raw pointers, pack weights, and so on, once per call) and then runs the steps, one at a time or in a
+// loop of its own over the whole sequence (run_all). Step t owns rows [offset, offset + rows) of the [N, *]
+// buffers and the leading `rows` rows of the [B, *] state buffers.
 #pragma once
 
 #include <ATen/core/Tensor.h>

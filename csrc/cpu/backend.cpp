@@ -1,6 +1,6 @@
 // The CPU backend. float and double steps call the BLAS directly (blas.h) on raw pointers and run the cell
-// with the loops built for the best capability this CPU has (kernels.h), split over threads by rows;
-// float16 and bfloat16 steps go through ATen (aten_stepper.h) with the same loops. Registers the layer ops
+// with the loops built for the best capability this CPU has (kernels.h), split over threads by rows (small
+// batches: by hidden units, the whole sequence in one parallel region); float16 and bfloat16 steps go through ATen (aten_stepper.h) with the same loops. Registers the layer ops
 // for the CPU dispatch key.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -161,8 +161,9 @@ int64_t uniform_rows(const std::vector<Step>& schedule) {
 // A GEMM of few multiply-adds over much memory (one step's, as LSTMCell's: a row times a weight, or the
 // outer product that is its weight gradient) is bound by one core's bandwidth, and threads pay there too:
 // [1, 2048] x [2048, 512] took 119 us on 2 threads against 297 on one, the [2048, 1] x [1, 512] outer
-// product 308 against 525, and [1024, 1] x [1, 256] 25 against 39; [1, 1024] x [1024, 256] (1 MB of weight)
-// 24 against 19, [512, 1] x [1, 128] 12 against 15.
+// product 308 against 525. The measurements cross at about 2^18 elements (1 MB of float), where this
+// threshold sits: just above it, [1024, 1] x [1, 256] took 25 us against 39 but [1, 1024] x [1024, 256]
+// 24 against 19; below it, [512, 1] x [1, 128] took 12 against 15.
 // A GEMM with a long inner dimension keeps MKL's threads whatever its size: with m and n small against k (as
 // in the weight gradients of a long sequence, sums over its N rows), they split the sum over k, which also
 // halves its chain of roundings (single-threaded, a float32 weight gradient over 3503 rows moved by 6e-5
@@ -187,8 +188,8 @@ bool worth_threads(int64_t m, int64_t n, int64_t k) {
 
 // The whole-sequence GEMM goes in row blocks with all columns, so each call packs the weights once for many
 // rows: eight blocks (an even load on 1, 2, 4 or 8 threads), of at least kMinRowTile rows. A call with fewer
-// rows than that (as LSTMCell's one step) but worth threads also splits the columns, into enough blocks to
-// make eight tiles in all, of at least kMinColumnTile columns.
+// row blocks than that (as LSTMCell's one step) but worth threads also splits the columns, into
+// kRowTiles / (row blocks) blocks of at least kMinColumnTile columns.
 constexpr int64_t kRowTiles = 8;
 constexpr int64_t kMinRowTile = 64;
 constexpr int64_t kMinColumnTile = 64;
@@ -220,13 +221,14 @@ void for_each_tile(int64_t tiles, const Fn& tile) {
 }
 
 // C[m, n] = A[m, k] op(B) (+ bias[n] on every row, if given) with blas::row_major_gemm, in tiles fixed by the
-// shape (above). k must be positive. The thread that runs a tile's GEMM first sets it to the bias, which the
+// shape (above). m and k must be positive. The thread that runs a tile's GEMM first sets it to the bias, which the
 // GEMM adds to (beta 1): no separate pass of ATen ops broadcasting the bias over all of C.
 template <typename S>
 void tiled_gemm(int64_t m, int64_t n, int64_t k, const S* a, int64_t lda, const S* b, int64_t ldb, bool trans_b,
                 const S* bias, S* c, int64_t ldc) {
   const int64_t rows = row_tile(m), row_tiles = tile_count(m, rows);
-  const int64_t wanted_column_tiles = row_tiles < kRowTiles && worth_threads(m, n, k) ? kRowTiles / row_tiles : 1;
+  const int64_t wanted_column_tiles =
+      row_tiles > 0 && row_tiles < kRowTiles && worth_threads(m, n, k) ? kRowTiles / row_tiles : 1;
   const int64_t columns = std::max(kMinColumnTile, tile_count(n, wanted_column_tiles));
   const int64_t column_tiles = tile_count(n, columns);
   for_each_tile(row_tiles * column_tiles, [&](int64_t index) {
@@ -465,18 +467,27 @@ at::Tensor transposed(const at::Tensor& weight) {
   return out;
 }
 
+// The rows of the schedule's widest step (the batch B), or 0 for no steps.
+int64_t widest_step(const std::vector<Step>& schedule) {
+  int64_t rows = 0;
+  for (const Step& step : schedule) {
+    rows = std::max(rows, step.rows);
+  }
+  return rows;
+}
+
 // Small batches split over threads by hidden units (the steppers' run_split): for a sequence of up to
 // kMaxSmallRows rows a step, without projection, on weights packed into panels, with a panel of hidden units
-// for every thread and this much work a step. Less stays on one thread, where a step costs no barrier
-// (measured on 2 threads, T = 50 forward: H = 64 and 96 at B = 1 ran 104 against 143 us and 226 against 287
-// split; B = 2 at H = 64 was even; H = 128 gained 4%).
+// for every thread and this much work at its widest step. Less stays on one thread, where a step costs no
+// barrier (measured on 2 threads, T = 50 forward: H = 64 and 96 at B = 1 ran 104 against 143 us and 226
+// against 287 split; B = 2 at H = 64 was even; H = 128 gained 4%). All or nothing: a packed sequence with
+// wider steps runs every step on the per-step path, its narrow tail included.
 template <typename S>
 bool splits_over_threads(const std::vector<Step>& schedule, bool project, bool has_panels, const Widths& w,
                          int threads) {
   constexpr int64_t kMinMultiplyAddsToSplit = 1 << 16;
-  const int64_t rows = schedule.empty() ? 0 : schedule.front().rows;
-  const bool small = std::all_of(schedule.begin(), schedule.end(),
-                                 [](const Step& s) { return s.rows <= StepGemm<S>::kMaxSmallRows; });
+  const int64_t rows = widest_step(schedule);
+  const bool small = rows <= StepGemm<S>::kMaxSmallRows;
   return !project && threads > 1 && small && has_panels && tile_count(w.hidden, StepGemm<S>::kPanel) >= threads &&
          rows * w.output * 4 * w.hidden >= kMinMultiplyAddsToSplit;
 }
@@ -556,28 +567,28 @@ class BlasForwardStepper final : public ForwardStepper {
   // The whole sequence in one parallel region. Each thread takes a block of hidden units and, at every
   // step, computes those columns of all four gates' GEMM and runs the cell on them, writing its part of
   // h_t and c_t; then all wait at a barrier, since the next step reads all of h_t. The threads keep reading
-  // the same slices of the weights, which stay in their cores' caches (for H = 64, half of W_hh fits in L1),
-  // and a step costs one barrier, not a fork-join. Each thread reads h_{t-1} from the previous step's output
-  // rows (or h0's, where a sequence starts) into a buffer of its own: h_state is being written meanwhile.
+  // the same slices of the weights, which stay in their cores' caches (at H = 256 a thread's half of W_hh is
+  // 512 KB, within its core's L2), and a step costs one barrier, not a fork-join. Each thread reads h_{t-1}
+  // from the previous step's output rows (or h0's, where a sequence starts) into a buffer of its own:
+  // h_state is being written meanwhile. Without projection every buffer's rows are H wide.
   void run_split(const std::vector<Step>& schedule) {
-    const int64_t H = w_.hidden, Hout = w_.output;
-    const auto widest = [](const Step& a, const Step& b) { return a.rows < b.rows; };
-    const int64_t batch = std::max_element(schedule.begin(), schedule.end(), widest)->rows;
-    const std::vector<S> h0(h_state_, h_state_ + batch * Hout);
+    const int64_t H = w_.hidden, batch = widest_step(schedule);
+    const std::vector<S> h0(h_state_, h_state_ + batch * H);
+    std::vector<S> h_prev(threads_ * batch * H);  // each thread's, allocated outside the parallel region
 #pragma omp parallel num_threads(threads_)
     {
       const auto [j0, j1] = this_threads_units<S>(H);
-      std::vector<S> h_prev(StepGemm<S>::kMaxSmallRows * Hout);
+      S* a = h_prev.data() + omp_get_thread_num() * batch * H;
       const Step* before = nullptr;
       for (const Step& step : schedule) {
         S* gates = gates_ + step.offset * 4 * H;
-        const S* carried_from = before != nullptr ? output_ + before->offset * Hout : nullptr;
-        std::copy_n(carried_from, step.carried * Hout, h_prev.data());
-        std::copy(h0.begin() + step.carried * Hout, h0.begin() + step.rows * Hout,
-                  h_prev.begin() + step.carried * Hout);
+        if (before != nullptr) {
+          std::copy_n(output_ + before->offset * H, step.carried * H, a);
+        }
+        std::copy(h0.begin() + step.carried * H, h0.begin() + step.rows * H, a + step.carried * H);
         if (j0 < j1) {
           for (int64_t gate = 0; gate < 4; ++gate) {
-            recurrent_[gate].columns(step.rows, j0, j1, h_prev.data(), gates + gate * H, 4 * H);
+            recurrent_[gate].columns(step.rows, j0, j1, a, gates + gate * H, 4 * H);
           }
           ForwardPointers<S> p{H, gates, c_state_, cells_ + step.offset * H, output_ + step.offset * H, h_state_};
           p.col_begin = j0;
@@ -664,7 +675,7 @@ class BlasBackwardStepper final : public BackwardStepper {
   // of hidden units and, at every step, adds grad_output to their dL/dh_t, runs the cell backward on them
   // and, once all threads are past that (a barrier: the GEMM reads every unit's d_gates), computes their
   // columns of dL/dh_{t-1} = d_gates W_hh. The next step's cell reads only the thread's own units of it, so
-  // a step costs that one barrier.
+  // a step costs that one barrier. Without projection every buffer's rows are H wide.
   void run_split(const std::vector<Step>& schedule) {
     const int64_t H = w_.hidden;
 #pragma omp parallel num_threads(threads_)
