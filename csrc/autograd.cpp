@@ -11,6 +11,8 @@
 
 #include <array>
 
+#include "layer.h"
+
 namespace fused_lstm {
 namespace {
 
@@ -28,7 +30,7 @@ using BackwardSignature = BackwardResult(const at::Tensor&, const at::Tensor&, c
                                          const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool,
                                          bool, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         std::array<bool, 7>);
+                                         BackwardMask);
 using RecomputeSignature = std::vector<at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
@@ -94,8 +96,8 @@ class Layer : public torch::autograd::Function<Layer> {
     }
     static const auto backward_op = op<BackwardSignature>("fused_lstm::lstm_layer_backward");
     const bool has_bias = saved[kBih].defined();
-    // The op's results in order (its output_mask): x, h0, c0, w_ih, w_hh, the bias, w_hr.
-    const std::array<bool, 7> output_mask{needed[kX],   needed[kH0],  needed[kC0],
+    // The op's results in order (layer.h BackwardOutput): x, h0, c0, w_ih, w_hh, the bias, w_hr.
+    const BackwardMask output_mask{needed[kX],   needed[kH0],  needed[kC0],
                                           needed[kWih], needed[kWhh], needed[kBih] || needed[kBhh],
                                           needed[kWhr]};
     auto [grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] = backward_op.call(

@@ -54,7 +54,7 @@ class LSTM(nn.LSTM):
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
         time_major = input.transpose(0, 1) if self.batch_first else input
-        output, h_n, c_n = self._run_layers(time_major, None, hx, weights, autocast)
+        output, h_n, c_n = self._run_layers(time_major, None, hx, weights, autocast, time_major.size(1))
         if self.batch_first:
             output = output.transpose(0, 1)
         if not is_batched:
@@ -66,42 +66,35 @@ class LSTM(nn.LSTM):
         # Read once: under torch.compile the batch is a data-dependent (unbacked) size, and one symbol for it
         # lets the compiler see that the zero state and the op's outputs agree.
         batch = int(batch_sizes[0])
-        if hx is None:
-            hx = self._zero_state(data, batch)
-        else:
-            hx = self.permute_hidden(hx, sorted_indices)
+        hx = None if hx is None else self.permute_hidden(hx, sorted_indices)  # None: zeros, made in _run_layers
         autocast = _autocast_dtype(data)
         self._check_packed(data, batch, hx, weights[0], autocast)
         self._check_state_and_parameters(data, hx, weights, autocast)
-        output, h_n, c_n = self._run_layers(data, batch_sizes, hx, weights, autocast)
+        output, h_n, c_n = self._run_layers(data, batch_sizes, hx, weights, autocast, batch)
         if autocast is not None and data.device.type == "cpu":  # nn.LSTM's packed CPU path runs op by op
-            output, h_n, c_n = _promoted_to_cell_state((output, h_n, c_n), autocast, hx[1])
+            c_0 = data if hx is None else hx[1]  # (zeros would have data's dtype)
+            output, h_n, c_n = _promoted_to_cell_state((output, h_n, c_n), autocast, c_0)
         packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
         return packed, self.permute_hidden((h_n, c_n), unsorted_indices)
-
-    def _zero_state(self, like: Tensor, batch) -> tuple[Tensor, Tensor]:
-        layers = self.num_layers * (2 if self.bidirectional else 1)
-        out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
-        h = torch.zeros(layers, batch, out_size, dtype=like.dtype, device=like.device)
-        c = torch.zeros(layers, batch, self.hidden_size, dtype=like.dtype, device=like.device)
-        return h, c
 
     def _check_packed(self, data: Tensor, batch: int, hx, w_ih: Tensor, autocast: torch.dtype | None) -> None:
         """nn.LSTM makes no Python checks on packed input; these give the errors its C++ path gives, in its
         order: projection sizes (inferred from hx[0].size(2) != hx[1].size(2)), layer count, the input GEMM,
-        then the batch size."""
-        h, c = hx[0], hx[1]
-        if h.size(2) != (self.proj_size or self.hidden_size) or c.size(2) != self.hidden_size:
-            raise RuntimeError("got an incorrect number of RNN parameters")
-        if h.size(0) < self.num_layers * (2 if self.bidirectional else 1):
-            raise RuntimeError("Expected more hidden states in stacked_rnn")
+        then the batch size. hx None (zeros, made alike) has nothing to check."""
+        states = () if hx is None else (hx[0], hx[1])
+        if states:
+            h, c = states
+            if h.size(2) != (self.proj_size or self.hidden_size) or c.size(2) != self.hidden_size:
+                raise RuntimeError("got an incorrect number of RNN parameters")
+            if h.size(0) < self.num_layers * (2 if self.bidirectional else 1):
+                raise RuntimeError("Expected more hidden states in stacked_rnn")
         if data.size(-1) != self.input_size:
             raise RuntimeError(
                 f"mat1 and mat2 shapes cannot be multiplied ({data.size(0)}x{data.size(-1)} and "
                 f"{w_ih.size(1)}x{w_ih.size(0)})"
             )
         _check_first_gemm_dtypes(data, w_ih, autocast)
-        for state in (h, c):
+        for state in states:
             if torch.compiler.is_compiling():
                 # The batch is data-dependent there: a graph cannot branch on it, but can assert it at run time.
                 torch._check(state.size(1) == batch)
@@ -147,10 +140,10 @@ class LSTM(nn.LSTM):
         return [_cast(w, dtype) for w in (w_ih, w_hh, b_ih, b_hh, w_hr)]
 
     def _run_layers(
-        self, x: Tensor, batch_sizes: Tensor | None, hx, weights: list[Tensor], dtype: torch.dtype | None
+        self, x: Tensor, batch_sizes: Tensor | None, hx, weights: list[Tensor], dtype: torch.dtype | None, batch
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """x: [T, B, I] or packed [N, I]; hx: ([L*D, B, Hout], [L*D, B, H]), or None for zeros (dense x only);
-        weights: _weights(); dtype: autocast's, or None -> output, h_n, c_n.
+        """x: [T, B, I] or packed [N, I]; hx: ([L*D, B, Hout], [L*D, B, H]), or None for zeros; weights:
+        _weights(); dtype: autocast's, or None; batch: B -> output, h_n, c_n.
 
         Dropout follows every layer but the last, in training, drawn as F.dropout draws it (so a seed gives
         nn.LSTM's masks); h_n and c_n are taken before it.
@@ -159,8 +152,8 @@ class LSTM(nn.LSTM):
         h_n, c_n = [], []
         layer_input = _cast(x, dtype)
         if hx is None:  # one zero state for every layer (the op copies its h0 and c0): a small call's saving
-            h_zeros = layer_input.new_zeros(x.size(1), self.proj_size or self.hidden_size)
-            c_zeros = h_zeros if not self.proj_size else layer_input.new_zeros(x.size(1), self.hidden_size)
+            h_zeros = layer_input.new_zeros(batch, self.proj_size or self.hidden_size)
+            c_zeros = h_zeros if not self.proj_size else layer_input.new_zeros(batch, self.hidden_size)
             initial_state = lambda index: (h_zeros, c_zeros)  # noqa: E731
         else:
             h0, c0 = _cast(hx[0], dtype), _cast(hx[1], dtype)

@@ -5,6 +5,7 @@ import itertools
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fused_lstm.ops import lstm_layer, reference_lstm_layer
 
@@ -206,6 +207,19 @@ def test_op_ignores_autocast():
         torch.testing.assert_close(a, e, atol=0, rtol=0)
 
 
+class OpCalls(TorchDispatchMode):
+    """Records (op, args, result) of every op dispatched while active (below autograd, so a backward's too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.calls.append((func, args, out))
+        return out
+
+
 BACKWARD_RESULTS = ["grad_x", "grad_h0", "grad_c0", "grad_w_ih", "grad_w_hh", "grad_bias", "grad_w_hr"]
 
 
@@ -238,29 +252,19 @@ def test_backward_computes_what_its_mask_asks_for(packed, skipped):
 def test_autograd_asks_only_for_the_gradients_its_inputs_need(frozen):
     """Backward's output_mask follows requires_grad (no GEMM for data input or frozen weights), and the
     gradients that are asked for equal those of a call where everything requires grad."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class BackwardMasks(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.masks = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.fused_lstm.lstm_layer_backward.default:
-                self.masks.append(list(args[15]) if len(args) > 15 else [True] * 7)
-            return func(*args, **(kwargs or {}))
-
     kwargs = gradcheck_inputs(True, True, False)
     groups = {"x": ["x"], "weights": ["w_ih", "w_hh", "b_ih", "b_hh", "w_hr"], "state": ["h0", "c0"], "nothing": []}
     expected_grads = torch.autograd.grad(sum(t.sum() for t in lstm_layer(**kwargs)), list(kwargs.values())[:8])
     for name in groups[frozen]:
         kwargs[name] = kwargs[name].detach()
     needing = [name for name in list(kwargs)[:8] if kwargs[name].requires_grad]
-    with BackwardMasks() as recorder:
+    with OpCalls() as calls:
         grads = torch.autograd.grad(sum(t.sum() for t in lstm_layer(**kwargs)), [kwargs[n] for n in needing])
     frozen_results = {"x": {"grad_x"}, "weights": {"grad_w_ih", "grad_w_hh", "grad_bias", "grad_w_hr"},
                       "state": {"grad_h0", "grad_c0"}, "nothing": set()}[frozen]  # fmt: skip
-    assert recorder.masks == [[name not in frozen_results for name in BACKWARD_RESULTS]]
+    masks = [list(args[15]) if len(args) > 15 else [True] * 7
+             for func, args, _ in calls.calls if func is torch.ops.fused_lstm.lstm_layer_backward.default]  # fmt: skip
+    assert masks == [[name not in frozen_results for name in BACKWARD_RESULTS]]
     expected = dict(zip(list(kwargs)[:8], expected_grads))
     for name, grad in zip(needing, grads, strict=True):
         torch.testing.assert_close(grad, expected[name], **TOLERANCE[torch.float64])
@@ -271,20 +275,6 @@ def test_backward_fills_no_zero_gradients_for_gates_and_cells(functorch):
     """gates [N, 4H] and cells [N, H] get no gradient: autograd must not fill zeros of their size at every
     backward (it did, 2 of the 4 zero tensors of each call). The missing gradients of h_n and c_n, [B, H],
     are made."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class ZeroFills(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.shapes = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func in (torch.ops.aten.zero_.default, torch.ops.aten.zeros.default, torch.ops.aten.zeros_like.default,
-                        torch.ops.aten.fill_.Scalar):  # fmt: skip
-                self.shapes.append(tuple(out.shape))
-            return out
-
     kwargs = gradcheck_inputs(True, False, False)
     w_ih = kwargs["w_ih"]
     rows = T * B
@@ -292,12 +282,15 @@ def test_backward_fills_no_zero_gradients_for_gates_and_cells(functorch):
         def loss(w):
             return lstm_layer(**{**kwargs, "w_ih": w})[0].sum()
 
-        with ZeroFills() as fills:
+        with OpCalls() as calls:
             grad = torch.func.grad(loss)(w_ih.detach())
     else:
         output, _, _ = lstm_layer(**kwargs)
-        with ZeroFills() as fills:
+        with OpCalls() as calls:
             (grad,) = torch.autograd.grad(output.sum(), [w_ih])
     assert grad.shape == w_ih.shape and grad.abs().sum() > 0
-    assert (rows, 4 * H) not in fills.shapes and (rows, H) not in fills.shapes, fills.shapes
-    assert fills.shapes.count((B, H)) == 2, fills.shapes
+    zero_fills = (torch.ops.aten.zero_.default, torch.ops.aten.zeros.default, torch.ops.aten.zeros_like.default,
+                  torch.ops.aten.fill_.Scalar)  # fmt: skip
+    shapes = [tuple(out.shape) for func, _, out in calls.calls if func in zero_fills]
+    assert (rows, 4 * H) not in shapes and (rows, H) not in shapes, shapes
+    assert shapes.count((B, H)) == 2, shapes

@@ -1,7 +1,7 @@
 // The CPU backend. float and double steps call the BLAS directly (blas.h) on raw pointers and run the cell
 // with the loops built for the best capability this CPU has (kernels.h), split over threads by rows (small
-// batches: by hidden units, the whole sequence in one parallel region); float16 and bfloat16 steps go through ATen (aten_stepper.h) with the same loops. Registers the layer ops
-// for the CPU dispatch key.
+// batches: by hidden units, the whole sequence in one parallel region); float16 and bfloat16 steps go through
+// ATen (aten_stepper.h) with the same loops. Registers the layer ops for the CPU dispatch key.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -507,7 +507,7 @@ class BlasForwardStepper final : public ForwardStepper {
  public:
   BlasForwardStepper(const ForwardBuffers& b, const std::vector<Step>& schedule)
       : w_(b.w_hh), project_(b.w_hr.defined()), prepare_for_(steps_to_prepare(schedule, b.w_hh)),
-        w_hh_t_(has_large_steps(prepare_for_) ? transposed<S>(b.w_hh) : at::Tensor()),
+        w_hh_t_(widest_step(prepare_for_) > StepGemm<S>::kMaxSmallRows ? transposed<S>(b.w_hh) : at::Tensor()),
         w_hr_t_(project_ && !prepare_for_.empty() ? transposed<S>(b.w_hr) : at::Tensor()),
         gates_(b.gates.data_ptr<S>()), cells_(b.cells.data_ptr<S>()), output_(b.output.data_ptr<S>()),
         h_state_(b.h_state.data_ptr<S>()), c_state_(b.c_state.data_ptr<S>()),
@@ -601,16 +601,10 @@ class BlasForwardStepper final : public ForwardStepper {
     }
   }
 
-  // Whether some step has more rows than the small-batch kernel takes (so all_gates_ and W_hh^T are needed).
-  static bool has_large_steps(const std::vector<Step>& schedule) {
-    return std::any_of(schedule.begin(), schedule.end(),
-                       [](const Step& s) { return s.rows > StepGemm<S>::kMaxSmallRows; });
-  }
-
   Widths w_;
   bool project_;
   const std::vector<Step>& prepare_for_;  // steps_to_prepare: the schedule, or no steps
-  at::Tensor w_hh_t_;  // [Hout, 4H], where some step to prepare for has large batches
+  at::Tensor w_hh_t_;  // [Hout, 4H], where some step to prepare for has more rows than the small kernel takes
   at::Tensor w_hr_t_;  // [H, Hout], where projecting and preparing
   S* gates_;
   S* cells_;
@@ -652,10 +646,7 @@ class BlasBackwardStepper final : public BackwardStepper {
 
   void run(const Step& step) override {
     const int64_t H = w_.hidden, Hout = w_.output, rows = step.rows;
-    const S* grad_output = grad_output_ + step.offset * Hout;
-    for (int64_t i = 0; i < rows * Hout; ++i) {
-      d_h_state_[i] += grad_output[i];
-    }
+    add_grad_output(step, 0, Hout);
     const S* d_hidden = d_h_state_;
     if (project_) {
       std::memcpy(d_output_all_ + step.offset * Hout, d_h_state_, sizeof(S) * rows * Hout);
@@ -671,6 +662,17 @@ class BlasBackwardStepper final : public BackwardStepper {
   }
 
  private:
+  // d_h_state[:, j0 : j1] += grad_output[t][:, j0 : j1]: dL/dh_t, from the output at t and from step t + 1.
+  void add_grad_output(const Step& step, int64_t j0, int64_t j1) {
+    const int64_t Hout = w_.output;
+    for (int64_t row = 0; row < step.rows; ++row) {
+      const S* grad_output = grad_output_ + (step.offset + row) * Hout;
+      for (int64_t j = j0; j < j1; ++j) {
+        d_h_state_[row * Hout + j] += grad_output[j];
+      }
+    }
+  }
+
   // The whole sequence in one parallel region, as the forward stepper's run_split: each thread takes a block
   // of hidden units and, at every step, adds grad_output to their dL/dh_t, runs the cell backward on them
   // and, once all threads are past that (a barrier: the GEMM reads every unit's d_gates), computes their
@@ -683,12 +685,7 @@ class BlasBackwardStepper final : public BackwardStepper {
       const auto [j0, j1] = this_threads_units<S>(H);
       for (auto step = schedule.rbegin(); step != schedule.rend(); ++step) {
         S* d_gates = d_gates_ + step->offset * 4 * H;
-        for (int64_t row = 0; row < step->rows; ++row) {
-          const S* grad_output = grad_output_ + (step->offset + row) * H;
-          for (int64_t j = j0; j < j1; ++j) {
-            d_h_state_[row * H + j] += grad_output[j];
-          }
-        }
+        add_grad_output(*step, j0, j1);
         BackwardPointers<S> p{H, gates_ + step->offset * 4 * H, cells_ + step->offset * H,
                               c_prev_ + step->offset * H, d_h_state_, d_c_state_, d_gates};
         p.col_begin = j0;
@@ -756,10 +753,10 @@ struct CpuBackend {
   // bfloat16 ones, to oneDNN) keep their threads.
   static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
     const int64_t inner = a.size(1);
-    if (worth_threads(a.size(0), b.size(1), inner) || inner >= kMinInnerToThreadGemm) {
-      return a.mm(b);
+    std::optional<blas::SingleThreaded> single;
+    if (!worth_threads(a.size(0), b.size(1), inner) && inner < kMinInnerToThreadGemm) {
+      single.emplace();
     }
-    const blas::SingleThreaded single;
     return a.mm(b);
   }
 
