@@ -194,10 +194,6 @@ constexpr int64_t kRowTiles = 8;
 constexpr int64_t kMinRowTile = 64;
 constexpr int64_t kMinColumnTile = 64;
 
-int64_t tile_count(int64_t extent, int64_t tile) {
-  return (extent + tile - 1) / tile;
-}
-
 int64_t row_tile(int64_t rows) {
   return std::max(kMinRowTile, tile_count(rows, kRowTiles));
 }

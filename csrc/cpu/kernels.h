@@ -37,6 +37,11 @@ struct BackwardPointers {
   int64_t col_end = -1;      // -1: up to H
 };
 
+// How many tiles of `tile` cover `extent` (the last one may be partial).
+inline constexpr int64_t tile_count(int64_t extent, int64_t tile) {
+  return (extent + tile - 1) / tile;
+}
+
 // C[rows, n] = A[rows, k] B[k, n] (+ C if accumulate): the per-step GEMM of a small batch, where a BLAS call
 // costs more than the arithmetic. B (a weight, fixed for a layer call) is packed once per call into panels of
 // kSmallGemmPanel columns, each panel's k rows contiguous and its last one zero-padded: the kernel then

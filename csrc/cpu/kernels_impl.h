@@ -130,7 +130,7 @@ void small_gemm_block(const SmallGemm<S>& g, int64_t row) {
   constexpr int64_t W = V::size();
   constexpr int64_t P = kSmallGemmPanel<S>;
   constexpr int NV = static_cast<int>(P / W);
-  const int64_t panels = (g.n + P - 1) / P;
+  const int64_t panels = tile_count(g.n, P);
   for (int64_t visit = 0; visit < panels; ++visit) {
     const int64_t index = g.last_panel_first ? panels - 1 - visit : visit;
     const int64_t j = index * P;
