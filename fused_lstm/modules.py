@@ -215,7 +215,15 @@ class LSTMCell(nn.LSTMCell):
         autocast, which casts first)."""
         if len(hx) != 2:
             raise RuntimeError("lstm_cell expects two hidden states")
-        hidden, (batch, features) = w_hh.size(1), input.shape
+        hidden, (batch, features) = w_hh.shape[1], input.shape
+        h, c = hx
+        # The usual call passes every check: settle it in one comparison (each check below costs about a
+        # microsecond, a good part of a small cell's call).
+        dtype = input.dtype
+        if (features == w_ih.shape[1] and w_ih.shape[0] == w_hh.shape[0] == 4 * hidden
+                and h.shape == c.shape == (batch, hidden)
+                and (not check_dtypes or dtype == w_ih.dtype == w_hh.dtype == h.dtype == c.dtype)):  # fmt: skip
+            return
         if features != w_ih.size(1):
             raise RuntimeError(f"input has inconsistent input_size: got {features} expected {w_ih.size(1)}")
         for name, weight in (("weight_ih", w_ih), ("weight_hh", w_hh)):
