@@ -215,12 +215,12 @@ class LSTMCell(nn.LSTMCell):
         autocast, which casts first)."""
         if len(hx) != 2:
             raise RuntimeError("lstm_cell expects two hidden states")
-        hidden, (batch, features) = w_hh.shape[1], input.shape
+        hidden, (batch, features) = w_hh.size(1), input.shape
         h, c = hx
         # The usual call passes every check: settle it in one comparison (each check below costs about a
         # microsecond, a good part of a small cell's call).
         dtype = input.dtype
-        if (features == w_ih.shape[1] and w_ih.shape[0] == w_hh.shape[0] == 4 * hidden
+        if (features == w_ih.size(1) and w_ih.shape[0] == w_hh.shape[0] == 4 * hidden
                 and h.shape == c.shape == (batch, hidden)
                 and (not check_dtypes or dtype == w_ih.dtype == w_hh.dtype == h.dtype == c.dtype)):  # fmt: skip
             return
@@ -231,17 +231,17 @@ class LSTMCell(nn.LSTMCell):
                 raise RuntimeError(
                     f"{name} first dim must be 4 * hidden_size = {4 * hidden}, but got {weight.size(0)}"
                 )
-        for idx, state in enumerate(hx):
+        for idx, state in enumerate((h, c)):
             if state.size(0) != batch:
                 raise RuntimeError(f"Input batch size {batch} doesn't match hidden{idx} batch size {state.size(0)}")
             if state.size(1) != hidden:
                 raise RuntimeError(f"hidden{idx} has inconsistent hidden_size: got {state.size(1)}, expected {hidden}")
         if not check_dtypes:
             return
-        for mat1, mat2 in ((input, w_ih), (hx[0], w_hh)):
+        for mat1, mat2 in ((input, w_ih), (h, w_hh)):
             _check_matmul_dtypes(mat1.dtype, mat2.dtype)
-        if hx[1].dtype != input.dtype:
-            raise RuntimeError(f"LSTMCell: hx[1] (c_0) has dtype {hx[1].dtype} but the input has dtype {input.dtype}")
+        if c.dtype != dtype:
+            raise RuntimeError(f"LSTMCell: hx[1] (c_0) has dtype {c.dtype} but the input has dtype {dtype}")
 
 
 def _batched_state(hx, is_batched: bool):

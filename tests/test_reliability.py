@@ -310,50 +310,51 @@ EDGE_CASES = {
 # rounding of the sum's scale, nn.LSTM's as much as ours (test_long_sequence_float32_as_accurate_as_nn_lstm).
 # Compared element by element, the two float32 results differ by both roundings: "long sequence" did by 1.4e-5
 # on a weight gradient of scale 17 under OMP_NUM_THREADS=1. The standard is 1e-5 relative to the values' scale.
-LONG_EDGE_CASES = ("long sequence", "long dense sequence")
+# ("long dense sequence" stays within the per-element tolerance, at 0.3 of it on 1 thread.)
+SCALE_RELATIVE_EDGE_CASES = ("long sequence",)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", EDGE_CASES)
 def test_edge_sizes_match_nn_lstm(case, dtype):
-    scale_relative = dtype == torch.float32 and case in LONG_EDGE_CASES
+    scale_relative = dtype == torch.float32 and case in SCALE_RELATIVE_EDGE_CASES
     assert_same(Config(dtype=dtype, **EDGE_CASES[case]), scale_relative=scale_relative)
 
 
-def float32_results_and_truth(module: nn.LSTM, lengths: tuple[int, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The outputs and every gradient of a float32 module on a packed batch of these lengths, and the same
-    computed in float64 from the same weights and inputs (nn.LSTM's: the truth to compare with)."""
-    truth_module = nn.LSTM(**{n: getattr(module, n) for n in ("input_size", "hidden_size", "bidirectional")},
-                           dtype=torch.float64)  # fmt: skip
-    truth_module.load_state_dict({k: v.double() for k, v in module.state_dict().items()})
+def long_sequence_results(cfg: Config) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """The outputs and every gradient of nn.LSTM and fused_lstm.LSTM built from cfg (float32, packed), and the same
+    computed by nn.LSTM in float64 from the same weights, inputs and cotangents: the truth to compare with."""
+    ref, ours = make_pair(cfg)
+    truth_module = nn.LSTM(**cfg.module_kwargs(), dtype=torch.float64)
+    truth_module.load_state_dict({k: v.double() for k, v in ref.state_dict().items()})
     g = torch.Generator().manual_seed(1)
-    directions = 2 if module.bidirectional else 1
-    x = torch.randn(max(lengths), len(lengths), module.input_size, generator=g)
-    h0, c0 = (torch.randn(directions, len(lengths), module.hidden_size, generator=g) for _ in range(2))
+    batch, directions = len(cfg.lengths), 2 if cfg.bidirectional else 1
+    x = torch.randn(max(cfg.lengths), batch, cfg.input_size, generator=g)
+    h0, c0 = (torch.randn(directions, batch, cfg.hidden_size, generator=g) for _ in range(2))
 
     def run(m, dtype):
-        leaves = [t.to(dtype).requires_grad_() for t in (x, h0, c0)]
-        output, (h_n, c_n) = m(pack_padded_sequence(leaves[0], list(lengths)), tuple(leaves[1:]))
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (x, h0, c0)]
+        output, (h_n, c_n) = m(pack_padded_sequence(leaves[0], list(cfg.lengths)), tuple(leaves[1:]))
         results = (output.data, h_n, c_n)
         cotangents = torch.Generator().manual_seed(2)
         loss = sum((r * torch.randn(r.shape, generator=cotangents).to(dtype)).sum() for r in results)
         return [r.detach() for r in results] + list(torch.autograd.grad(loss, leaves + list(m.parameters())))
 
-    return run(module, torch.float32), run(truth_module, torch.float64)
+    return run(ref, torch.float32), run(ours, torch.float32), run(truth_module, torch.float64)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_long_sequence_float32_as_accurate_as_nn_lstm(threads):
     """Over 2,000 steps, fused_lstm's float32 results (outputs, and the gradients of the input, the states and
-    each parameter) are as accurate as nn.LSTM's: measured from the float64 truth relative to each result's
-    scale, each is within 1e-6 (a tenth of the parity tolerance), and the worst is no worse than nn.LSTM's
-    worst. On 1 thread, where MKL sums each weight gradient's 3,500 rows in one chain, and on 2."""
+    each parameter) are as accurate as nn.LSTM's in the worst case: measured from the float64 truth relative to
+    each result's scale, each is within 1e-6 (a tenth of the parity tolerance), and the worst is no worse than
+    nn.LSTM's worst (measured: 6.8e-7 against 1.3e-6). On 1 thread, where MKL sums each weight gradient's 3,500
+    rows in one chain, and on 2."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        ref, ours = make_pair(Config(dtype=torch.float32, bidirectional=True))
-        expected, truth = float32_results_and_truth(ref, (2000, 1500, 3))
-        actual, _ = float32_results_and_truth(ours, (2000, 1500, 3))
+        cfg = Config(dtype=torch.float32, bidirectional=True, kind="packed", lengths=(2000, 1500, 3))
+        expected, actual, truth = long_sequence_results(cfg)
     finally:
         torch.set_num_threads(previous)
     assert len(actual) == len(truth) == 6 + 8
