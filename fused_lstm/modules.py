@@ -247,19 +247,13 @@ class LSTMCell(nn.LSTMCell):
 def _batched_state(hx, is_batched: bool):
     """A given hx of dense input, checked against the input's rank (nn.LSTM's messages); with a batch
     dimension of 1 added for unbatched input."""
-    if is_batched:
-        if hx[0].dim() != 3 or hx[1].dim() != 3:
-            raise RuntimeError(
-                "For batched 3-D input, hx and cx should also be 3-D but got "
-                f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
-            )
-        return hx
-    if hx[0].dim() != 2 or hx[1].dim() != 2:
+    rank = 3 if is_batched else 2
+    if hx[0].dim() != rank or hx[1].dim() != rank:
+        kind = "batched 3-D" if is_batched else "unbatched 2-D"
         raise RuntimeError(
-            "For unbatched 2-D input, hx and cx should also be 2-D but got "
-            f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+            f"For {kind} input, hx and cx should also be {rank}-D but got ({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
         )
-    return hx[0].unsqueeze(1), hx[1].unsqueeze(1)
+    return hx if is_batched else (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
 
 
 _CELL_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")

@@ -47,11 +47,15 @@ def make_pair(cfg: Config, seed: int = 0):
     return ref, ours
 
 
-def make_inputs(cfg: Config, seed: int = 1):
-    """Returns (input for the module, leaves to differentiate, hx or None)."""
+def make_inputs(cfg: Config, seed: int = 1, dtype: torch.dtype | None = None):
+    """Returns (input for the module, leaves to differentiate, hx or None). dtype: cast to it (the values are
+    drawn in cfg.dtype all the same)."""
     g = torch.Generator().manual_seed(seed)
     batch, steps = len(cfg.lengths), max(cfg.lengths)
-    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=cfg.dtype).to(cfg.device).requires_grad_()  # noqa: E731
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=cfg.dtype).to(cfg.device, dtype).requires_grad_()
+
     directions = 2 if cfg.bidirectional else 1
     out_size = cfg.proj_size or cfg.hidden_size
     if cfg.kind == "unbatched":
@@ -72,14 +76,15 @@ def make_inputs(cfg: Config, seed: int = 1):
     return inp, leaves, hx if cfg.given_state else None
 
 
-def run(module, cfg: Config, seed: int = 1, dropout_seed: int = 7):
-    """Forward and backward with fixed cotangents; returns the detached results then every gradient."""
-    inp, leaves, hx = make_inputs(cfg, seed)
+def run(module, cfg: Config, seed: int = 1, dropout_seed: int = 7, dtype: torch.dtype | None = None):
+    """Forward and backward with fixed cotangents; returns the detached results then every gradient. dtype: run
+    on cfg's inputs and cotangents cast to it (a float64 module as the truth for a float32 cfg)."""
+    inp, leaves, hx = make_inputs(cfg, seed, dtype)
     torch.manual_seed(dropout_seed)
     output, (h_n, c_n) = module(inp, hx)
     out = output.data if cfg.kind.startswith("packed") else output
     g = torch.Generator().manual_seed(seed + 100)
-    cotangents = [torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device) for t in (out, h_n, c_n)]
+    cotangents = [torch.randn(t.shape, generator=g, dtype=cfg.dtype).to(t.device, t.dtype) for t in (out, h_n, c_n)]
     loss = sum((t * c).sum() for t, c in zip((out, h_n, c_n), cotangents))
     params = list(module.parameters())
     grads = torch.autograd.grad(loss, leaves + params)

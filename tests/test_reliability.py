@@ -14,7 +14,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fused_lstm
 from fused_lstm.ops import lstm_layer
-from module_cases import TOLERANCE, Config, assert_same, make_pair
+from module_cases import TOLERANCE, Config, assert_same, make_pair, run
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -321,42 +321,19 @@ def test_edge_sizes_match_nn_lstm(case, dtype):
     assert_same(Config(dtype=dtype, **EDGE_CASES[case]), scale_relative=scale_relative)
 
 
-def long_sequence_results(cfg: Config) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """The outputs and every gradient of nn.LSTM and fused_lstm.LSTM built from cfg (float32, packed), and the same
-    computed by nn.LSTM in float64 from the same weights, inputs and cotangents: the truth to compare with."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_long_sequence_float32_as_accurate_as_nn_lstm(threads, restore_threads):
+    """Over 2,000 steps, fused_lstm's float32 results (outputs, and the gradients of the input, the states and
+    each parameter) are as accurate as nn.LSTM's in the worst case: measured from the float64 truth (nn.LSTM in
+    float64 on the same weights, inputs and cotangents) relative to each result's scale, each is within 1e-6 (a
+    tenth of the parity tolerance), and the worst is no worse than nn.LSTM's worst. On 1 thread, where MKL sums
+    each weight gradient's 3,500 rows in one chain, and on 2."""
+    torch.set_num_threads(threads)
+    cfg = Config(dtype=torch.float32, bidirectional=True, kind="packed", lengths=(2000, 1500, 3))
     ref, ours = make_pair(cfg)
     truth_module = nn.LSTM(**cfg.module_kwargs(), dtype=torch.float64)
     truth_module.load_state_dict({k: v.double() for k, v in ref.state_dict().items()})
-    g = torch.Generator().manual_seed(1)
-    batch, directions = len(cfg.lengths), 2 if cfg.bidirectional else 1
-    x = torch.randn(max(cfg.lengths), batch, cfg.input_size, generator=g)
-    h0, c0 = (torch.randn(directions, batch, cfg.hidden_size, generator=g) for _ in range(2))
-
-    def run(m, dtype):
-        leaves = [t.detach().to(dtype).requires_grad_() for t in (x, h0, c0)]
-        output, (h_n, c_n) = m(pack_padded_sequence(leaves[0], list(cfg.lengths)), tuple(leaves[1:]))
-        results = (output.data, h_n, c_n)
-        cotangents = torch.Generator().manual_seed(2)
-        loss = sum((r * torch.randn(r.shape, generator=cotangents).to(dtype)).sum() for r in results)
-        return [r.detach() for r in results] + list(torch.autograd.grad(loss, leaves + list(m.parameters())))
-
-    return run(ref, torch.float32), run(ours, torch.float32), run(truth_module, torch.float64)
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-def test_long_sequence_float32_as_accurate_as_nn_lstm(threads):
-    """Over 2,000 steps, fused_lstm's float32 results (outputs, and the gradients of the input, the states and
-    each parameter) are as accurate as nn.LSTM's in the worst case: measured from the float64 truth relative to
-    each result's scale, each is within 1e-6 (a tenth of the parity tolerance), and the worst is no worse than
-    nn.LSTM's worst (measured: 6.8e-7 against 1.3e-6). On 1 thread, where MKL sums each weight gradient's 3,500
-    rows in one chain, and on 2."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        cfg = Config(dtype=torch.float32, bidirectional=True, kind="packed", lengths=(2000, 1500, 3))
-        expected, actual, truth = long_sequence_results(cfg)
-    finally:
-        torch.set_num_threads(previous)
+    expected, actual, truth = run(ref, cfg), run(ours, cfg), run(truth_module, cfg, dtype=torch.float64)
     assert len(actual) == len(truth) == 6 + 8
     ours_worst = ref_worst = 0.0
     for index, (a, e, t) in enumerate(zip(actual, expected, truth, strict=True)):

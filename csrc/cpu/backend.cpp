@@ -217,8 +217,8 @@ void for_each_tile(int64_t tiles, const Fn& tile) {
 }
 
 // C[m, n] = A[m, k] op(B) (+ bias[n] on every row, if given) with blas::row_major_gemm, in tiles fixed by the
-// shape (above). m and k must be positive. The thread that runs a tile's GEMM first sets it to the bias, which the
-// GEMM adds to (beta 1): no separate pass of ATen ops broadcasting the bias over all of C.
+// shape (above). k must be positive (m = 0 makes no tiles). The thread that runs a tile's GEMM first sets it to
+// the bias, which the GEMM adds to (beta 1): no separate pass of ATen ops broadcasting the bias over all of C.
 template <typename S>
 void tiled_gemm(int64_t m, int64_t n, int64_t k, const S* a, int64_t lda, const S* b, int64_t ldb, bool trans_b,
                 const S* bias, S* c, int64_t ldc) {
