@@ -1,8 +1,9 @@
-// The layer op's autograd, registered for the Autograd dispatch key of every backend. It was Python
+// The layer ops' autograd, registered for the Autograd dispatch key of every backend. It was Python
 // (torch.library.register_autograd), whose kernel every call passes through: measured at B=1, H=64, T=1, that
 // cost about 100 us a call in grad mode and 10 us under no_grad, against 41 us for the op itself.
 //
-// Backward calls lstm_layer_backward. Under create_graph=True the gradients must be differentiable themselves,
+// Backward calls lstm_layer_backward (a bidirectional layer's node: lstm_bidirectional_layer_backward, which
+// runs both directions' backwards at once). Under create_graph=True the gradients must be differentiable themselves,
 // so backward then calls lstm_layer_recompute_backward instead, which fused_lstm/ops.py implements in Python
 // with differentiable ATen ops (double backward is rare; that keeps one hand-written backward).
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -19,18 +20,27 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using ForwardSignature = ForwardResult(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+using ForwardSignature = LayerForwardResult(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                        const at::Tensor&, const std::optional<at::Tensor>&,
                                        const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                                        const std::optional<at::Tensor>&, bool);
-using BackwardResult =
-    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using BackwardSignature = BackwardResult(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+using BackwardSignature = LayerBackwardResult(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool,
                                          bool, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          BackwardMask);
+using BidirectionalForwardSignature = BidirectionalForwardResult(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
+using BidirectionalBackwardSignature = BidirectionalBackwardResult(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, bool, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, BackwardMask,
+    BackwardMask);
 using RecomputeSignature = std::vector<at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
@@ -44,12 +54,106 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
 // lstm_layer_forward's arguments in order; the first eight are the differentiable ones.
 enum Argument { kX, kH0, kC0, kWih, kWhh, kBih, kBhh, kWhr, kBatchSizes, kReverse, kArguments };
 constexpr int kDifferentiable = kBatchSizes;
-// What forward saves, in order: the tensor arguments (undefined where absent), then these outputs.
-enum SavedOutput { kOutput = kReverse, kGates, kCells };
+// What forward saves for a direction, in order: the tensor arguments (undefined where absent), then these
+// outputs.
+enum SavedOutput { kOutput = kReverse, kGates, kCells, kSavedPerDirection };
+
+using DirectionGradients = std::array<at::Tensor, kDifferentiable>;  // one per differentiable argument
+using NeededGradients = std::array<bool, kDifferentiable>;
 
 std::optional<at::Tensor> present(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
+
+// The tensors saved for one direction, in the order above: `direction` 0 or 1 of a node's saved list.
+struct DirectionSaved {
+  const variable_list& saved;
+  int direction;
+  const at::Tensor& operator[](int slot) const { return saved[direction * kSavedPerDirection + slot]; }
+};
+
+// The forward op's outputs for a direction: saved, gates and cells marked without gradient. `arguments`
+// start with the direction's tensor arguments in lstm_layer_forward's order (x to batch_sizes).
+void save_direction(AutogradContext* ctx, variable_list& to_save, std::array<std::optional<at::Tensor>, kReverse> arguments,
+                    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells) {
+  for (const auto& argument : arguments) {
+    to_save.push_back(argument.value_or(at::Tensor()));
+  }
+  to_save.insert(to_save.end(), {output, gates, cells});
+  ctx->mark_non_differentiable({gates, cells});
+}
+
+// grads[first + 0, 1, 2]: dL/d(output, h_n, c_n) of a direction, undefined where none flows; zeros then (h_n
+// is shaped like h0, c_n like c0).
+void fill_absent_gradients(variable_list& grads, int first, const DirectionSaved& saved) {
+  for (auto [offset, like] : {std::pair<int, int>{0, kOutput}, {1, kH0}, {2, kC0}}) {
+    at::Tensor& grad = grads[first + offset];
+    if (!grad.defined()) {
+      grad = at::zeros_symint(saved[like].sym_sizes(), saved[like].options());  // symbolic under compile
+    }
+  }
+}
+
+// Under create_graph=True: differentiable gradients, by lstm_layer_recompute_backward.
+DirectionGradients recomputed_gradients(const variable_list& grads, int first, const DirectionSaved& saved,
+                                        const NeededGradients& needed, bool reverse) {
+  static const auto recompute_op = op<RecomputeSignature>("fused_lstm::lstm_layer_recompute_backward");
+  const auto recomputed = recompute_op.call(
+      grads[first], grads[first + 1], grads[first + 2], saved[kX], saved[kH0], saved[kC0], saved[kWih],
+      saved[kWhh], present(saved[kBih]), present(saved[kBhh]), present(saved[kWhr]), present(saved[kBatchSizes]),
+      reverse, needed);
+  DirectionGradients result;
+  for (int i = 0; i < kDifferentiable; ++i) {
+    result[i] = needed[i] ? recomputed[i] : at::Tensor();
+  }
+  return result;
+}
+
+// The backward op's output_mask for a direction: its results are x, h0, c0, w_ih, w_hh, the bias (one for
+// both biases) and w_hr (layer.h BackwardOutput).
+BackwardMask backward_mask(const NeededGradients& needed) {
+  return {needed[kX], needed[kH0], needed[kC0], needed[kWih], needed[kWhh], needed[kBih] || needed[kBhh],
+          needed[kWhr]};
+}
+
+// The backward op's results for a direction, as gradients of the arguments that need one (the others are
+// empty placeholders, or absent arguments).
+DirectionGradients gradients_of_arguments(const LayerBackwardResult& results, const NeededGradients& needed) {
+  const auto& [grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] = results;
+  const DirectionGradients all{grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_bias, grad_w_hr};
+  DirectionGradients result;
+  for (int i = 0; i < kDifferentiable; ++i) {
+    result[i] = needed[i] ? all[i] : at::Tensor();
+  }
+  return result;
+}
+
+// Whether each differentiable argument of a node needs a gradient, given which were given (absent optional
+// ones have no input edge, and the context numbers only the others).
+template <size_t kCount>
+std::array<bool, kCount> needs_input_grad(AutogradContext* ctx, const std::array<bool, kCount>& given) {
+  std::array<bool, kCount> needed{};
+  size_t edge = 0;
+  for (size_t i = 0; i < kCount; ++i) {
+    if (given[i]) {
+      needed[i] = ctx->needs_input_grad(edge++);
+    }
+  }
+  return needed;
+}
+
+// Which of a direction's differentiable arguments were given.
+NeededGradients given_arguments(const DirectionSaved& saved) {
+  NeededGradients given{};
+  for (int i = 0; i < kDifferentiable; ++i) {
+    given[i] = saved[i].defined();
+  }
+  return given;
+}
+
+// A node's outputs are left without materialized gradients: the context would otherwise fill a zero tensor for
+// every output without one at every backward, gates [N, 4H] and cells [N, H] among them (they have none).
+// Backward makes the few zeros it needs (fill_absent_gradients).
 
 class Layer : public torch::autograd::Function<Layer> {
  public:
@@ -61,13 +165,10 @@ class Layer : public torch::autograd::Function<Layer> {
     static const auto forward_op = op<ForwardSignature>("fused_lstm::lstm_layer_forward");
     auto [output, h_n, c_n, gates, cells] =
         forward_op.call(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse);
-    const at::Tensor absent;
-    ctx->save_for_backward({x, h0, c0, w_ih, w_hh, b_ih.value_or(absent), b_hh.value_or(absent),
-                            w_hr.value_or(absent), batch_sizes.value_or(absent), output, gates, cells});
+    variable_list to_save;
+    save_direction(ctx, to_save, {x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes}, output, gates, cells);
+    ctx->save_for_backward(to_save);
     ctx->saved_data["reverse"] = reverse;
-    ctx->mark_non_differentiable({gates, cells});
-    // Left to materialize, the context would fill a zero tensor for every output without a gradient at every
-    // backward, gates [N, 4H] and cells [N, H] among them (they have none): backward makes the few it needs.
     ctx->set_materialize_grads(false);
     return {output, h_n, c_n, gates, cells};
   }
@@ -75,61 +176,125 @@ class Layer : public torch::autograd::Function<Layer> {
   // grads: dL/d(output, h_n, c_n, gates, cells), undefined where none flows; the last two are never used, as
   // gates and cells are not differentiable. Returns one gradient per argument.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    for (auto [grad, like] : {std::pair<at::Tensor*, int>{&grads[0], kOutput}, {&grads[1], kH0}, {&grads[2], kC0}}) {
-      if (!grad->defined()) {  // h_n is shaped like h0, c_n like c0
-        *grad = at::zeros_symint(saved[like].sym_sizes(), saved[like].options());  // symbolic under compile
-      }
-    }
+    const variable_list saved_list = ctx->get_saved_variables();
+    const DirectionSaved saved{saved_list, 0};
+    fill_absent_gradients(grads, 0, saved);
     const bool reverse = ctx->saved_data["reverse"].toBool();
-    const auto needed = needs_input_grad(ctx, saved);
-    variable_list result(kArguments);
+    const NeededGradients needed = needs_input_grad(ctx, given_arguments(saved));
+    DirectionGradients gradients;
     if (at::GradMode::is_enabled()) {
-      static const auto recompute_op = op<RecomputeSignature>("fused_lstm::lstm_layer_recompute_backward");
-      const auto recomputed = recompute_op.call(grads[0], grads[1], grads[2], saved[kX], saved[kH0], saved[kC0],
-                                                saved[kWih], saved[kWhh], present(saved[kBih]), present(saved[kBhh]),
-                                                present(saved[kWhr]), present(saved[kBatchSizes]), reverse, needed);
-      for (int i = 0; i < kDifferentiable; ++i) {
-        result[i] = needed[i] ? recomputed[i] : at::Tensor();
-      }
-      return result;
+      gradients = recomputed_gradients(grads, 0, saved, needed, reverse);
+    } else {
+      static const auto backward_op = op<BackwardSignature>("fused_lstm::lstm_layer_backward");
+      gradients = gradients_of_arguments(
+          backward_op.call(grads[0], grads[1], grads[2], saved[kX], saved[kH0], saved[kC0], saved[kWih],
+                           saved[kWhh], present(saved[kWhr]), present(saved[kBatchSizes]), reverse,
+                           saved[kBih].defined(), saved[kOutput], saved[kGates], saved[kCells],
+                           backward_mask(needed)),
+          needed);
     }
-    static const auto backward_op = op<BackwardSignature>("fused_lstm::lstm_layer_backward");
-    const bool has_bias = saved[kBih].defined();
-    // The op's results in order (layer.h BackwardOutput): x, h0, c0, w_ih, w_hh, the bias, w_hr.
-    const BackwardMask output_mask{needed[kX],   needed[kH0],  needed[kC0],
-                                          needed[kWih], needed[kWhh], needed[kBih] || needed[kBhh],
-                                          needed[kWhr]};
-    auto [grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] = backward_op.call(
-        grads[0], grads[1], grads[2], saved[kX], saved[kH0], saved[kC0], saved[kWih], saved[kWhh],
-        present(saved[kWhr]), present(saved[kBatchSizes]), reverse, has_bias, saved[kOutput], saved[kGates],
-        saved[kCells], output_mask);
-    for (auto [argument, gradient] : {std::pair{kX, &grad_x}, {kH0, &grad_h0}, {kC0, &grad_c0}, {kWih, &grad_w_ih},
-                                      {kWhh, &grad_w_hh}, {kBih, &grad_bias}, {kBhh, &grad_bias},
-                                      {kWhr, &grad_w_hr}}) {
-      if (needed[argument]) {  // the others are empty placeholders, or absent arguments
-        result[argument] = *gradient;
-      }
+    variable_list result(kArguments);
+    std::copy(gradients.begin(), gradients.end(), result.begin());
+    return result;
+  }
+};
+
+// lstm_bidirectional_layer_forward's arguments: x, the forward direction's h0 to w_hr, the reverse
+// direction's, then batch_sizes. The differentiable ones are all but batch_sizes.
+constexpr int kBidirectionalDifferentiable = 1 + 2 * (kDifferentiable - 1);
+
+class BidirectionalLayer : public torch::autograd::Function<BidirectionalLayer> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                               const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                               const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
+                               const at::Tensor& h0_reverse, const at::Tensor& c0_reverse,
+                               const at::Tensor& w_ih_reverse, const at::Tensor& w_hh_reverse,
+                               const std::optional<at::Tensor>& b_ih_reverse,
+                               const std::optional<at::Tensor>& b_hh_reverse,
+                               const std::optional<at::Tensor>& w_hr_reverse,
+                               const std::optional<at::Tensor>& batch_sizes) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    static const auto forward_op = op<BidirectionalForwardSignature>("fused_lstm::lstm_bidirectional_layer_forward");
+    auto [output, h_n, c_n, gates, cells, output_reverse, h_n_reverse, c_n_reverse, gates_reverse, cells_reverse] =
+        forward_op.call(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, h0_reverse, c0_reverse, w_ih_reverse, w_hh_reverse,
+                        b_ih_reverse, b_hh_reverse, w_hr_reverse, batch_sizes);
+    variable_list to_save;
+    save_direction(ctx, to_save, {x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes}, output, gates, cells);
+    save_direction(ctx, to_save,
+                   {x, h0_reverse, c0_reverse, w_ih_reverse, w_hh_reverse, b_ih_reverse, b_hh_reverse, w_hr_reverse,
+                    batch_sizes},
+                   output_reverse, gates_reverse, cells_reverse);
+    ctx->save_for_backward(to_save);
+    ctx->set_materialize_grads(false);
+    return {output, h_n, c_n, gates, cells, output_reverse, h_n_reverse, c_n_reverse, gates_reverse, cells_reverse};
+  }
+
+  // grads: dL/d(output, h_n, c_n, gates, cells) of the forward direction, then of the reverse one, undefined
+  // where none flows. Returns one gradient per argument; x's is the sum of the two directions'.
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    constexpr int kGradsPerDirection = 5;
+    const variable_list saved_list = ctx->get_saved_variables();
+    const std::array<DirectionSaved, 2> saved{DirectionSaved{saved_list, 0}, DirectionSaved{saved_list, 1}};
+    std::array<NeededGradients, 2> needed = needed_per_direction(ctx, saved);
+    std::array<DirectionGradients, 2> gradients;
+    for (int direction = 0; direction < 2; ++direction) {
+      fill_absent_gradients(grads, direction * kGradsPerDirection, saved[direction]);
     }
+    if (at::GradMode::is_enabled()) {
+      for (int direction = 0; direction < 2; ++direction) {
+        gradients[direction] = recomputed_gradients(grads, direction * kGradsPerDirection, saved[direction],
+                                                    needed[direction], direction == 1);
+      }
+    } else {
+      static const auto backward_op =
+          op<BidirectionalBackwardSignature>("fused_lstm::lstm_bidirectional_layer_backward");
+      const auto& [forward, reverse] = saved;
+      const auto results = backward_op.call(
+          grads[0], grads[1], grads[2], grads[kGradsPerDirection], grads[kGradsPerDirection + 1],
+          grads[kGradsPerDirection + 2], forward[kX], forward[kH0], forward[kC0], forward[kWih], forward[kWhh],
+          present(forward[kWhr]), reverse[kH0], reverse[kC0], reverse[kWih], reverse[kWhh], present(reverse[kWhr]),
+          present(forward[kBatchSizes]), forward[kBih].defined(), reverse[kBih].defined(), forward[kOutput],
+          forward[kGates], forward[kCells], reverse[kOutput], reverse[kGates], reverse[kCells],
+          backward_mask(needed[0]), backward_mask(needed[1]));
+      const auto [first, second] = split_in_two(results);
+      gradients = {gradients_of_arguments(first, needed[0]), gradients_of_arguments(second, needed[1])};
+    }
+    variable_list result(kBidirectionalDifferentiable + 1);  // no gradient for batch_sizes
+    const auto& [forward, reverse] = gradients;
+    result[0] = !forward[kX].defined()   ? reverse[kX]
+                : !reverse[kX].defined() ? forward[kX]
+                                         : forward[kX].add(reverse[kX]);
+    std::copy(forward.begin() + 1, forward.end(), result.begin() + 1);
+    std::copy(reverse.begin() + 1, reverse.end(), result.begin() + kDifferentiable);
     return result;
   }
 
  private:
-  // Whether each differentiable argument needs a gradient. The context numbers only the tensors that were
-  // given (absent optional ones have no input edge), so this counts them off.
-  static std::array<bool, kDifferentiable> needs_input_grad(AutogradContext* ctx, const variable_list& saved) {
-    std::array<bool, kDifferentiable> needed{};
-    size_t edge = 0;
-    for (int i = 0; i < kDifferentiable; ++i) {
-      if (saved[i].defined()) {
-        needed[i] = ctx->needs_input_grad(edge++);
-      }
-    }
-    return needed;
+  // Which of each direction's differentiable arguments need a gradient (x's: whether x needs one).
+  static std::array<NeededGradients, 2> needed_per_direction(AutogradContext* ctx,
+                                                             const std::array<DirectionSaved, 2>& saved) {
+    std::array<bool, kBidirectionalDifferentiable> given{};
+    const NeededGradients forward = given_arguments(saved[0]), reverse = given_arguments(saved[1]);
+    std::copy(forward.begin(), forward.end(), given.begin());
+    std::copy(reverse.begin() + 1, reverse.end(), given.begin() + kDifferentiable);
+    const auto needed = needs_input_grad(ctx, given);
+    std::array<NeededGradients, 2> result{};
+    std::copy(needed.begin(), needed.begin() + kDifferentiable, result[0].begin());
+    result[1][kX] = needed[kX];
+    std::copy(needed.begin() + kDifferentiable, needed.end(), result[1].begin() + 1);
+    return result;
+  }
+
+  static std::pair<LayerBackwardResult, LayerBackwardResult> split_in_two(const BidirectionalBackwardResult& r) {
+    return {{std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r), std::get<4>(r), std::get<5>(r),
+             std::get<6>(r)},
+            {std::get<7>(r), std::get<8>(r), std::get<9>(r), std::get<10>(r), std::get<11>(r), std::get<12>(r),
+             std::get<13>(r)}};
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_autograd(
+LayerForwardResult lstm_layer_forward_autograd(
     const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
     const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& batch_sizes, bool reverse) {
@@ -137,10 +302,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 
+BidirectionalForwardResult lstm_bidirectional_layer_forward_autograd(
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_hr, const at::Tensor& h0_reverse, const at::Tensor& c0_reverse,
+    const at::Tensor& w_ih_reverse, const at::Tensor& w_hh_reverse, const std::optional<at::Tensor>& b_ih_reverse,
+    const std::optional<at::Tensor>& b_hh_reverse, const std::optional<at::Tensor>& w_hr_reverse,
+    const std::optional<at::Tensor>& batch_sizes) {
+  const variable_list out =
+      BidirectionalLayer::apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, h0_reverse, c0_reverse, w_ih_reverse,
+                                w_hh_reverse, b_ih_reverse, b_hh_reverse, w_hr_reverse, batch_sizes);
+  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8], out[9]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_lstm, Autograd, m) {
   m.impl("lstm_layer_forward", &lstm_layer_forward_autograd);
+  m.impl("lstm_bidirectional_layer_forward", &lstm_bidirectional_layer_forward_autograd);
 }
 
 }  // namespace fused_lstm

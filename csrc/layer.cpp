@@ -228,6 +228,27 @@ TORCH_LIBRARY(fused_lstm, m) {
       "bool[7] output_mask=[True, True, True, True, True, True, True]) "
       "-> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
       "Tensor grad_bias, Tensor grad_w_hr)");
+  // Both directions of a bidirectional layer at once (layer.h): lstm_layer_forward's arguments and results for
+  // the forward direction, then for the reverse one, which shares x and batch_sizes.
+  m.def(
+      "lstm_bidirectional_layer_forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh, Tensor? w_hr, Tensor h0_reverse, Tensor c0_reverse, Tensor w_ih_reverse, Tensor w_hh_reverse, "
+      "Tensor? b_ih_reverse, Tensor? b_hh_reverse, Tensor? w_hr_reverse, Tensor? batch_sizes) "
+      "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells, Tensor output_reverse, "
+      "Tensor h_n_reverse, Tensor c_n_reverse, Tensor gates_reverse, Tensor cells_reverse)");
+  m.def(
+      "lstm_bidirectional_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, "
+      "Tensor grad_output_reverse, Tensor grad_h_n_reverse, Tensor grad_c_n_reverse, Tensor x, Tensor h0, "
+      "Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor h0_reverse, Tensor c0_reverse, "
+      "Tensor w_ih_reverse, Tensor w_hh_reverse, Tensor? w_hr_reverse, Tensor? batch_sizes, bool has_bias, "
+      "bool has_bias_reverse, Tensor output, Tensor gates, Tensor cells, Tensor output_reverse, "
+      "Tensor gates_reverse, Tensor cells_reverse, "
+      "bool[7] output_mask=[True, True, True, True, True, True, True], "
+      "bool[7] output_mask_reverse=[True, True, True, True, True, True, True]) "
+      "-> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
+      "Tensor grad_bias, Tensor grad_w_hr, Tensor grad_x_reverse, Tensor grad_h0_reverse, "
+      "Tensor grad_c0_reverse, Tensor grad_w_ih_reverse, Tensor grad_w_hh_reverse, Tensor grad_bias_reverse, "
+      "Tensor grad_w_hr_reverse)");
   // The gradients of lstm_layer_forward as differentiable tensors (double backward), by a recomputation with
   // ATen ops: fused_lstm/ops.py implements it (CompositeImplicitAutograd), csrc/autograd.cpp calls it. Returns
   // the gradients of x, h0, c0, w_ih, w_hh, b_ih, b_hh and w_hr, empty where needs_input_grad is false.

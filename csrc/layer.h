@@ -70,12 +70,19 @@ inline at::Tensor aten_input_gates(const at::Tensor& x_rows, const at::Tensor& w
   return b_ih.has_value() ? b_ih->add(*b_hh).addmm(x_rows, w_ih.t()) : x_rows.mm(w_ih.t());
 }
 
+using LayerForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using LayerBackwardResult =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// A bidirectional layer's: the forward direction's, then the reverse direction's.
+using BidirectionalForwardResult = decltype(std::tuple_cat(LayerForwardResult{}, LayerForwardResult{}));
+using BidirectionalBackwardResult = decltype(std::tuple_cat(LayerBackwardResult{}, LayerBackwardResult{}));
+
 // x: [T, B, I] (batch_sizes empty) or [N, I] (packed); h0: [B, Hout]; c0: [B, H]; w_ih: [4H, I];
 // w_hh: [4H, Hout]; b_ih, b_hh: [4H]; w_hr: [Hout, H]; batch_sizes: [T] int64 on the CPU.
 // Returns output [T, B, Hout] or [N, Hout], h_n [B, Hout], c_n [B, H], and for backward the activated
 // gates [N, 4H] and cell states [N, H].
 template <class Backend>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward(
+LayerForwardResult lstm_layer_forward(
     const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
     const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& batch_sizes, bool reverse) {
@@ -116,8 +123,7 @@ enum BackwardOutput { kGradX, kGradH0, kGradC0, kGradWih, kGradWhh, kGradBias, k
 // is an empty [0] tensor where output_mask is false, as grad_bias is without a bias and grad_w_hr without a
 // projection. The weight gradients are single GEMMs over all steps.
 template <class Backend>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-lstm_layer_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+LayerBackwardResult lstm_layer_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
                     const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
                     const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
                     const std::optional<at::Tensor>& batch_sizes, bool reverse, bool has_bias,
@@ -161,6 +167,81 @@ lstm_layer_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, c
                              : none();
   return {grad_x,    wanted(kGradH0) ? b.d_h_state : none(), wanted(kGradC0) ? b.d_c_state : none(),
           grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
+}
+
+// Both directions of a bidirectional layer, each as lstm_layer_forward / lstm_layer_backward computes it
+// (outputs the same to the bit; gradients too, but to rounding where a backend's whole-sequence GEMMs split
+// their sums by the threads they have, as MKL's do at large sizes), run at once where the backend can: Backend::concurrently(first, second)
+// runs the two and rethrows the first's exception before the second's. Forward runs them so only where
+// Backend::forwards_at_once(w_hh, w_hh_reverse). An error in the reverse direction's arguments says so.
+
+template <class Direction>
+void in_reverse_direction(const Direction& direction) {
+  try {
+    direction();
+  } catch (c10::Error& error) {
+    error.add_context("fused_lstm: in the reverse direction's arguments");
+    throw;
+  }
+}
+
+// The arguments of lstm_layer_forward, then the reverse direction's h0 to w_hr, then batch_sizes; returns
+// lstm_layer_forward's results for the forward direction, then for the reverse one.
+template <class Backend>
+BidirectionalForwardResult lstm_bidirectional_layer_forward(
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_hr, const at::Tensor& h0_reverse, const at::Tensor& c0_reverse,
+    const at::Tensor& w_ih_reverse, const at::Tensor& w_hh_reverse, const std::optional<at::Tensor>& b_ih_reverse,
+    const std::optional<at::Tensor>& b_hh_reverse, const std::optional<at::Tensor>& w_hr_reverse,
+    const std::optional<at::Tensor>& batch_sizes) {
+  LayerForwardResult forward, reverse;
+  const auto forward_direction = [&] {
+    forward = lstm_layer_forward<Backend>(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, false);
+  };
+  const auto reverse_direction = [&] {
+    in_reverse_direction([&] {
+      reverse = lstm_layer_forward<Backend>(x, h0_reverse, c0_reverse, w_ih_reverse, w_hh_reverse, b_ih_reverse,
+                                            b_hh_reverse, w_hr_reverse, batch_sizes, true);
+    });
+  };
+  if (Backend::forwards_at_once(w_hh, w_hh_reverse)) {
+    Backend::concurrently(forward_direction, reverse_direction);
+  } else {
+    forward_direction();
+    reverse_direction();
+  }
+  return std::tuple_cat(std::move(forward), std::move(reverse));
+}
+
+// The gradients of lstm_bidirectional_layer_forward: lstm_layer_backward's arguments and results, first for
+// the forward direction, then for the reverse one (grad_x too: the caller adds the two).
+template <class Backend>
+BidirectionalBackwardResult lstm_bidirectional_layer_backward(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+    const at::Tensor& grad_output_reverse, const at::Tensor& grad_h_n_reverse, const at::Tensor& grad_c_n_reverse,
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& w_hr, const at::Tensor& h0_reverse, const at::Tensor& c0_reverse,
+    const at::Tensor& w_ih_reverse, const at::Tensor& w_hh_reverse, const std::optional<at::Tensor>& w_hr_reverse,
+    const std::optional<at::Tensor>& batch_sizes, bool has_bias, bool has_bias_reverse, const at::Tensor& output,
+    const at::Tensor& gates, const at::Tensor& cells, const at::Tensor& output_reverse,
+    const at::Tensor& gates_reverse, const at::Tensor& cells_reverse, BackwardMask output_mask,
+    BackwardMask output_mask_reverse) {
+  LayerBackwardResult forward, reverse;
+  Backend::concurrently(
+      [&] {
+        forward = lstm_layer_backward<Backend>(grad_output, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr,
+                                               batch_sizes, false, has_bias, output, gates, cells, output_mask);
+      },
+      [&] {
+        in_reverse_direction([&] {
+          reverse = lstm_layer_backward<Backend>(grad_output_reverse, grad_h_n_reverse, grad_c_n_reverse, x,
+                                                 h0_reverse, c0_reverse, w_ih_reverse, w_hh_reverse, w_hr_reverse,
+                                                 batch_sizes, true, has_bias_reverse, output_reverse, gates_reverse,
+                                                 cells_reverse, output_mask_reverse);
+        });
+      });
+  return std::tuple_cat(std::move(forward), std::move(reverse));
 }
 
 }  // namespace fused_lstm

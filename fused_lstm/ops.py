@@ -14,6 +14,7 @@ keeps one hand-written backward.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 
@@ -23,7 +24,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from . import _C  # noqa: F401  (loading the library registers the ops)
 
-__all__ = ["lstm_layer"]
+__all__ = ["lstm_bidirectional_layer", "lstm_layer"]
 
 
 def lstm_layer(
@@ -54,7 +55,22 @@ def lstm_layer(
     return output, h_n, c_n
 
 
+def lstm_bidirectional_layer(
+    x: Tensor, forward: tuple, reverse: tuple, batch_sizes: Tensor | None = None
+) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
+    """Both directions of a bidirectional layer over the same x: ``lstm_layer`` with each direction's
+    ``(h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)``, the second with ``reverse=True``, and the same results. On the
+    CPU they run at once, each on a thread of its own, forward and backward. Returns the two directions'
+    (output, h_n, c_n)."""
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        return (lstm_layer(x, *forward, batch_sizes=batch_sizes),
+                lstm_layer(x, *reverse, batch_sizes=batch_sizes, reverse=True))  # fmt: skip
+    results = _bidirectional_forward(x, *forward, *reverse, batch_sizes)
+    return results[0:3], results[5:8]
+
+
 _forward = torch.ops.fused_lstm.lstm_layer_forward.default
+_bidirectional_forward = torch.ops.fused_lstm.lstm_bidirectional_layer_forward.default
 
 
 @torch.library.register_fake("fused_lstm::lstm_layer_forward")
@@ -69,6 +85,24 @@ def _forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
         x.new_empty((rows, 4 * hidden)),
         x.new_empty((rows, hidden)),
     )
+
+
+@torch.library.register_fake("fused_lstm::lstm_bidirectional_layer_forward")
+def _bidirectional_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, h0_r, c0_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r,
+                                w_hr_r, batch_sizes):  # fmt: skip
+    forward = _forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, False)
+    with _in_reverse_direction():
+        reverse = _forward_fake(x, h0_r, c0_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r, w_hr_r, batch_sizes, True)
+    return (*forward, *reverse)
+
+
+@contextlib.contextmanager
+def _in_reverse_direction():
+    """The context the C++ kernels add to an error in the reverse direction's arguments (layer.h)."""
+    try:
+        yield
+    except RuntimeError as error:
+        raise type(error)(f"{error}\nfused_lstm: in the reverse direction's arguments") from None
 
 
 _FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -160,6 +194,20 @@ def _backward_fake(
     shapes = (x.shape, h0.shape, c0.shape, w_ih.shape, w_hh.shape, (w_ih.shape[0],) if has_bias else (0,),
               w_hr.shape if w_hr is not None else (0,))  # fmt: skip
     return tuple(x.new_empty(shape if wanted else (0,)) for shape, wanted in zip(shapes, output_mask, strict=True))
+
+
+@torch.library.register_fake("fused_lstm::lstm_bidirectional_layer_backward")
+def _bidirectional_backward_fake(
+    grad_output, grad_h_n, grad_c_n, grad_output_r, grad_h_n_r, grad_c_n_r, x, h0, c0, w_ih, w_hh, w_hr, h0_r, c0_r,
+    w_ih_r, w_hh_r, w_hr_r, batch_sizes, has_bias, has_bias_r, output, gates, cells, output_r, gates_r, cells_r,
+    output_mask=(True,) * 7, output_mask_r=(True,) * 7,
+):
+    forward = _backward_fake(grad_output, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, False,
+                             has_bias, output, gates, cells, output_mask)  # fmt: skip
+    with _in_reverse_direction():
+        reverse = _backward_fake(grad_output_r, grad_h_n_r, grad_c_n_r, x, h0_r, c0_r, w_ih_r, w_hh_r, w_hr_r,
+                                 batch_sizes, True, has_bias_r, output_r, gates_r, cells_r, output_mask_r)  # fmt: skip
+    return (*forward, *reverse)
 
 
 class _FunctorchLayer(torch.autograd.Function):

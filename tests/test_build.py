@@ -49,7 +49,8 @@ def cuda_buildable():
     return torch.version.cuda is not None and bool(nvcc) and not skip
 
 
-@pytest.mark.parametrize("op", ["lstm_layer_forward", "lstm_layer_backward"])
+@pytest.mark.parametrize("op", ["lstm_layer_forward", "lstm_layer_backward", "lstm_bidirectional_layer_forward",
+                                "lstm_bidirectional_layer_backward"])
 def test_cuda_kernels_registered_where_cuda_builds(op):
     has_cuda_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_lstm::{op}", "CUDA")
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_lstm::{op}", "CPU")

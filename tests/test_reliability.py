@@ -138,13 +138,6 @@ DETERMINISM_SHAPES = [  # steps, batch, input, hidden, proj
 ]  # fmt: skip
 
 
-@pytest.fixture
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", DETERMINISM_SHAPES, ids=str)
 @pytest.mark.parametrize("packed", [False, True])

@@ -22,6 +22,13 @@ struct CudaBackend {
     return aten_input_gates(x_rows, w_ih, b_ih, b_hh);
   }
   static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) { return a.mm(b); }
+  // One after the other: both are queued on the same stream anyway.
+  static bool forwards_at_once(const at::Tensor&, const at::Tensor&) { return false; }
+  template <typename First, typename Second>
+  static void concurrently(const First& first, const Second& second) {
+    first();
+    second();
+  }
   static std::unique_ptr<ForwardStepper> make_forward_stepper(const ForwardBuffers& b, const std::vector<Step>&) {
     return std::make_unique<AtenForwardStepper<CudaCell>>(b);
   }
@@ -30,34 +37,29 @@ struct CudaBackend {
   }
 };
 
-// A guard on x's device. Optional, so that a CPU x among CUDA arguments reaches the device check in
-// check_layer_inputs and fails with its message instead of the guard's.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
-    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
-    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& batch_sizes, bool reverse) {
-  // Not CUDAGuard: this kernel also runs when only h0 or a weight is on CUDA, and x's CPU device must then
-  // reach the argument checks, which name the mismatch.
-  const c10::OptionalDeviceGuard guard(x.device());
-  return lstm_layer_forward<CudaBackend>(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse);
-}
+// The kernels with a guard on their first argument's device (x's, or backward's grad_output, which must be
+// on x's device). Optional, and not CUDAGuard: these kernels also run when only h0 or a weight is on CUDA,
+// and a CPU x must then reach the argument checks of layer.cpp, which name the mismatch.
+template <auto kernel>
+struct OnFirstArgumentsDevice;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
-    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const at::Tensor& x,
-    const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& batch_sizes, bool reverse,
-    bool has_bias, const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
-    BackwardMask output_mask) {
-  const c10::OptionalDeviceGuard guard(x.device());
-  return lstm_layer_backward<CudaBackend>(grad_output, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes,
-                                       reverse, has_bias, output, gates, cells, output_mask);
-}
+template <typename Result, typename... Rest, Result (*kernel)(const at::Tensor&, Rest...)>
+struct OnFirstArgumentsDevice<kernel> {
+  static Result call(const at::Tensor& first, Rest... rest) {
+    const c10::OptionalDeviceGuard guard(first.device());
+    return kernel(first, rest...);
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_lstm, CUDA, m) {
-  m.impl("lstm_layer_forward", &forward);
-  m.impl("lstm_layer_backward", &backward);
+  m.impl("lstm_layer_forward", &OnFirstArgumentsDevice<&lstm_layer_forward<CudaBackend>>::call);
+  m.impl("lstm_layer_backward", &OnFirstArgumentsDevice<&lstm_layer_backward<CudaBackend>>::call);
+  m.impl("lstm_bidirectional_layer_forward",
+         &OnFirstArgumentsDevice<&lstm_bidirectional_layer_forward<CudaBackend>>::call);
+  m.impl("lstm_bidirectional_layer_backward",
+         &OnFirstArgumentsDevice<&lstm_bidirectional_layer_backward<CudaBackend>>::call);
 }
 
 }  // namespace fused_lstm::cuda
