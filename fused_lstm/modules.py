@@ -3,8 +3,8 @@
 They subclass the torch classes, so the constructor, validation, parameters, initialisation, state_dict,
 pickling and repr are torch's own, and ``isinstance(m, nn.LSTM)`` holds. Only ``forward`` is new: it takes the
 same inputs, makes the same checks with the same messages (../shared/CONTRACT.md sections 3 and 4) and runs
-each layer and direction through the fused op (ops.lstm_layer). Stacking, dropout between layers and the
-PackedSequence sort / unsort stay here in Python.
+each layer through the fused ops (ops.lstm_layer; ops.lstm_bidirectional_layer for both directions at once).
+Stacking, dropout between layers and the PackedSequence sort / unsort stay here in Python.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .ops import _aten_name, lstm_layer
+from .ops import _aten_name, lstm_bidirectional_layer, lstm_layer
 
 __all__ = ["LSTM", "LSTMCell", "convert"]
 
@@ -159,16 +159,15 @@ class LSTM(nn.LSTM):
             h0, c0 = _cast(hx[0], dtype), _cast(hx[1], dtype)
             initial_state = lambda index: (h0[index], c0[index])  # noqa: E731
         for layer in range(self.num_layers):
-            outputs = []
-            for direction in range(directions):
-                index = layer * directions + direction
-                output, h, c = lstm_layer(
-                    layer_input, *initial_state(index), *self._layer_weights(weights, index, dtype),
-                    batch_sizes=batch_sizes, reverse=direction == 1,
-                )  # fmt: skip
-                outputs.append(output)
-                h_n.append(h)
-                c_n.append(c)
+            directions_args = [(*initial_state(index), *self._layer_weights(weights, index, dtype))
+                               for index in range(layer * directions, (layer + 1) * directions)]  # fmt: skip
+            if directions == 1:
+                results = [lstm_layer(layer_input, *directions_args[0], batch_sizes=batch_sizes)]
+            else:
+                results = lstm_bidirectional_layer(layer_input, *directions_args, batch_sizes=batch_sizes)
+            outputs = [output for output, _, _ in results]
+            h_n += [h for _, h, _ in results]
+            c_n += [c for _, _, c in results]
             layer_input = outputs[0] if directions == 1 else torch.cat(outputs, -1)
             if self.dropout != 0 and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)

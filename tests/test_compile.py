@@ -225,13 +225,14 @@ def test_export_runs_and_matches_eager():
     exported = torch.export.export(model, (torch.randn(3, 5, 3, dtype=torch.float64),),
                                    dynamic_shapes=({0: batch, 1: steps},))  # fmt: skip
     graph_ops = {node.target for node in exported.graph.nodes if node.op == "call_function"}
-    assert torch.ops.fused_lstm.lstm_layer_forward.default in graph_ops
+    assert torch.ops.fused_lstm.lstm_bidirectional_layer_forward.default in graph_ops
     for shape in [(3, 5, 3), (6, 9, 3)]:
         x = torch.randn(*shape, dtype=torch.float64)
         torch.testing.assert_close(exported.module()(x), model(x), atol=1e-12, rtol=0)
 
 
-def test_compiled_backward_runs_the_fused_backward_op():
+@pytest.mark.parametrize("bidirectional,op", [(False, "lstm_layer"), (True, "lstm_bidirectional_layer")])
+def test_compiled_backward_runs_the_fused_backward_op(bidirectional, op):
     # The autograd's backward recomputes the layer with ATen ops when grad mode is on in backward (double
     # backward); AOTAutograd traces backward without it, so the compiled backward must hold the fused op.
     from functorch.compile import make_boxed_func
@@ -249,12 +250,12 @@ def test_compiled_backward_runs_the_fused_backward_op():
 
         return aot_module_simplified(gm, example_inputs, fw_compiler=compiler("fw"), bw_compiler=compiler("bw"))
 
-    module = fused_lstm.LSTM(4, 5)
+    module = fused_lstm.LSTM(4, 5, bidirectional=bidirectional)
     x = torch.randn(3, 2, 4, requires_grad=True)
     out, _ = fused_lstm.compile(module, backend=backend, fullgraph=True)(x)
     out.sum().backward()
-    assert "fused_lstm.lstm_layer_forward.default" in graphs["fw"]
-    assert "fused_lstm.lstm_layer_backward.default" in graphs["bw"]
+    assert f"fused_lstm.{op}_forward.default" in graphs["fw"]
+    assert f"fused_lstm.{op}_backward.default" in graphs["bw"]
 
 
 def test_func_grad_matches_autograd():
