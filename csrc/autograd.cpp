@@ -11,6 +11,8 @@
 #include <torch/library.h>
 
 #include <array>
+#include <tuple>
+#include <utility>
 
 #include "layer.h"
 
@@ -294,32 +296,28 @@ class BidirectionalLayer : public torch::autograd::Function<BidirectionalLayer> 
   }
 };
 
-LayerForwardResult lstm_layer_forward_autograd(
-    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& batch_sizes, bool reverse) {
-  const variable_list out = Layer::apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse);
-  return {out[0], out[1], out[2], out[3], out[4]};
-}
+// The Autograd kernel of an op of this Signature whose node is Function: the node's outputs as the op's tuple.
+template <class Function, typename Signature>
+struct AutogradKernel;
 
-BidirectionalForwardResult lstm_bidirectional_layer_forward_autograd(
-    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-    const std::optional<at::Tensor>& w_hr, const at::Tensor& h0_reverse, const at::Tensor& c0_reverse,
-    const at::Tensor& w_ih_reverse, const at::Tensor& w_hh_reverse, const std::optional<at::Tensor>& b_ih_reverse,
-    const std::optional<at::Tensor>& b_hh_reverse, const std::optional<at::Tensor>& w_hr_reverse,
-    const std::optional<at::Tensor>& batch_sizes) {
-  const variable_list out =
-      BidirectionalLayer::apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, h0_reverse, c0_reverse, w_ih_reverse,
-                                w_hh_reverse, b_ih_reverse, b_hh_reverse, w_hr_reverse, batch_sizes);
-  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8], out[9]};
-}
+template <class Function, typename Result, typename... Args>
+struct AutogradKernel<Function, Result(Args...)> {
+  static Result call(Args... args) {
+    return as_result(Function::apply(args...), std::make_index_sequence<std::tuple_size_v<Result>>());
+  }
+
+ private:
+  template <size_t... kIndex>
+  static Result as_result(const variable_list& outputs, std::index_sequence<kIndex...>) {
+    return {outputs[kIndex]...};
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_lstm, Autograd, m) {
-  m.impl("lstm_layer_forward", &lstm_layer_forward_autograd);
-  m.impl("lstm_bidirectional_layer_forward", &lstm_bidirectional_layer_forward_autograd);
+  m.impl("lstm_layer_forward", &AutogradKernel<Layer, ForwardSignature>::call);
+  m.impl("lstm_bidirectional_layer_forward", &AutogradKernel<BidirectionalLayer, BidirectionalForwardSignature>::call);
 }
 
 }  // namespace fused_lstm
