@@ -21,14 +21,9 @@ import torch
 
 import fused_lstm
 import fused_lstm.modules
-from fused_lstm.ops import lstm_bidirectional_layer, lstm_layer
+from fused_lstm.ops import directions_one_after_the_other, lstm_bidirectional_layer
 
 DEFAULT_SHAPES = "100x16x128x256,50x1x64x64,100x4x128x128,50x64x256x256,50x32x512x512,50x64x512x512"
-
-
-def one_direction_after_the_other(x, forward, reverse, batch_sizes=None):
-    return (lstm_layer(x, *forward, batch_sizes=batch_sizes),
-            lstm_layer(x, *reverse, batch_sizes=batch_sizes, reverse=True))  # fmt: skip
 
 
 def block_time(run, calls=3):
@@ -45,7 +40,7 @@ def measure(steps, batch, input_size, hidden, layers, reps):
     fused = fused_lstm.LSTM(input_size, hidden, num_layers=layers, bidirectional=True)
     fused.load_state_dict(reference.state_dict())
     x = torch.randn(steps, batch, input_size)
-    layer_functions = {"after the other": one_direction_after_the_other, "at once": lstm_bidirectional_layer}
+    layer_functions = {"after the other": directions_one_after_the_other, "at once": lstm_bidirectional_layer}
 
     def inference(module):
         with torch.no_grad():

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <initializer_list>
 #include <tuple>
 #include <utility>
 
@@ -22,15 +23,14 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-using ForwardSignature = LayerForwardResult(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                       const at::Tensor&, const std::optional<at::Tensor>&,
-                                       const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                                       const std::optional<at::Tensor>&, bool);
-using BackwardSignature = LayerBackwardResult(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool,
-                                         bool, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         BackwardMask);
+using ForwardSignature = LayerForwardResult(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, bool);
+using BackwardSignature = LayerBackwardResult(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool,
+    bool, const at::Tensor&, const at::Tensor&, const at::Tensor&, BackwardMask);
 using BidirectionalForwardSignature = BidirectionalForwardResult(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
@@ -56,9 +56,10 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
 // lstm_layer_forward's arguments in order; the first eight are the differentiable ones.
 enum Argument { kX, kH0, kC0, kWih, kWhh, kBih, kBhh, kWhr, kBatchSizes, kReverse, kArguments };
 constexpr int kDifferentiable = kBatchSizes;
-// What forward saves for a direction, in order: the tensor arguments (undefined where absent), then these
-// outputs.
-enum SavedOutput { kOutput = kReverse, kGates, kCells, kSavedPerDirection };
+// What a node saves: x and batch_sizes (undefined where absent), then for each direction its other tensor
+// arguments (h0 to w_hr) and these outputs. DirectionSaved reads a direction's by these slots.
+enum SavedOutput { kOutput = kReverse, kGates, kCells };
+constexpr int kSavedShared = 2, kSavedPerDirection = (kWhr - kH0 + 1) + (kCells - kOutput + 1);
 
 using DirectionGradients = std::array<at::Tensor, kDifferentiable>;  // one per differentiable argument
 using NeededGradients = std::array<bool, kDifferentiable>;
@@ -67,22 +68,33 @@ std::optional<at::Tensor> present(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
-// The tensors saved for one direction, in the order above: `direction` 0 or 1 of a node's saved list.
+// The tensors saved for one direction (0 or 1) of a node, by the slots of Argument and SavedOutput.
 struct DirectionSaved {
   const variable_list& saved;
   int direction;
-  const at::Tensor& operator[](int slot) const { return saved[direction * kSavedPerDirection + slot]; }
+  const at::Tensor& operator[](int slot) const {
+    if (slot == kX || slot == kBatchSizes) {
+      return saved[slot == kX ? 0 : 1];
+    }
+    const int own = slot < kBatchSizes ? slot - kH0 : slot - kOutput + (kWhr - kH0 + 1);
+    return saved[kSavedShared + direction * kSavedPerDirection + own];
+  }
 };
 
-// The forward op's outputs for a direction: saved, gates and cells marked without gradient. `arguments`
-// start with the direction's tensor arguments in lstm_layer_forward's order (x to batch_sizes).
-void save_direction(AutogradContext* ctx, variable_list& to_save, std::array<std::optional<at::Tensor>, kReverse> arguments,
-                    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells) {
-  for (const auto& argument : arguments) {
-    to_save.push_back(argument.value_or(at::Tensor()));
+// What a node saves (above): `shared` is {x, batch_sizes}, `directions` each direction's h0 to w_hr, then its
+// output, gates and cells.
+variable_list to_save(const std::array<std::optional<at::Tensor>, kSavedShared>& shared,
+                      std::initializer_list<std::array<std::optional<at::Tensor>, kSavedPerDirection>> directions) {
+  variable_list saved;
+  for (const auto& tensor : shared) {
+    saved.push_back(tensor.value_or(at::Tensor()));
   }
-  to_save.insert(to_save.end(), {output, gates, cells});
-  ctx->mark_non_differentiable({gates, cells});
+  for (const auto& direction : directions) {
+    for (const auto& tensor : direction) {
+      saved.push_back(tensor.value_or(at::Tensor()));
+    }
+  }
+  return saved;
 }
 
 // grads[first + 0, 1, 2]: dL/d(output, h_n, c_n) of a direction, undefined where none flows; zeros then (h_n
@@ -153,10 +165,6 @@ NeededGradients given_arguments(const DirectionSaved& saved) {
   return given;
 }
 
-// A node's outputs are left without materialized gradients: the context would otherwise fill a zero tensor for
-// every output without one at every backward, gates [N, 4H] and cells [N, H] among them (they have none).
-// Backward makes the few zeros it needs (fill_absent_gradients).
-
 class Layer : public torch::autograd::Function<Layer> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
@@ -167,10 +175,11 @@ class Layer : public torch::autograd::Function<Layer> {
     static const auto forward_op = op<ForwardSignature>("fused_lstm::lstm_layer_forward");
     auto [output, h_n, c_n, gates, cells] =
         forward_op.call(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse);
-    variable_list to_save;
-    save_direction(ctx, to_save, {x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes}, output, gates, cells);
-    ctx->save_for_backward(to_save);
+    ctx->save_for_backward(to_save({x, batch_sizes}, {{h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, output, gates, cells}}));
     ctx->saved_data["reverse"] = reverse;
+    ctx->mark_non_differentiable({gates, cells});
+    // Left to materialize, the context would fill a zero tensor for every output without a gradient at every
+    // backward, gates [N, 4H] and cells [N, H] among them (they have none): backward makes the few it needs.
     ctx->set_materialize_grads(false);
     return {output, h_n, c_n, gates, cells};
   }
@@ -221,14 +230,13 @@ class BidirectionalLayer : public torch::autograd::Function<BidirectionalLayer> 
     auto [output, h_n, c_n, gates, cells, output_reverse, h_n_reverse, c_n_reverse, gates_reverse, cells_reverse] =
         forward_op.call(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, h0_reverse, c0_reverse, w_ih_reverse, w_hh_reverse,
                         b_ih_reverse, b_hh_reverse, w_hr_reverse, batch_sizes);
-    variable_list to_save;
-    save_direction(ctx, to_save, {x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes}, output, gates, cells);
-    save_direction(ctx, to_save,
-                   {x, h0_reverse, c0_reverse, w_ih_reverse, w_hh_reverse, b_ih_reverse, b_hh_reverse, w_hr_reverse,
-                    batch_sizes},
-                   output_reverse, gates_reverse, cells_reverse);
-    ctx->save_for_backward(to_save);
-    ctx->set_materialize_grads(false);
+    ctx->save_for_backward(to_save({x, batch_sizes}, {{h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, output, gates, cells},
+                                                      {h0_reverse, c0_reverse, w_ih_reverse, w_hh_reverse, b_ih_reverse,
+                                                       b_hh_reverse, w_hr_reverse, output_reverse, gates_reverse,
+                                                       cells_reverse}}));
+    // One call: each replaces the set of outputs marked before.
+    ctx->mark_non_differentiable({gates, cells, gates_reverse, cells_reverse});
+    ctx->set_materialize_grads(false);  // as Layer's
     return {output, h_n, c_n, gates, cells, output_reverse, h_n_reverse, c_n_reverse, gates_reverse, cells_reverse};
   }
 

@@ -16,6 +16,7 @@
 #include <ATen/ops/mm.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
+#include <algorithm>
 #include <array>
 #include <memory>
 #include <optional>
@@ -123,16 +124,21 @@ enum BackwardOutput { kGradX, kGradH0, kGradC0, kGradWih, kGradWhh, kGradBias, k
 // is an empty [0] tensor where output_mask is false, as grad_bias is without a bias and grad_w_hr without a
 // projection. The weight gradients are single GEMMs over all steps.
 template <class Backend>
-LayerBackwardResult lstm_layer_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
-                    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
-                    const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
-                    const std::optional<at::Tensor>& batch_sizes, bool reverse, bool has_bias,
-                    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
-                    BackwardMask output_mask) {
+LayerBackwardResult lstm_layer_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                                        const at::Tensor& grad_c_n, const at::Tensor& x, const at::Tensor& h0,
+                                        const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                        const std::optional<at::Tensor>& w_hr,
+                                        const std::optional<at::Tensor>& batch_sizes, bool reverse, bool has_bias,
+                                        const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
+                                        BackwardMask output_mask) {
   const NoAutocast no_autocast;
   const LayerDims dims =
       check_layer_inputs(x, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr, batch_sizes);
   check_backward_inputs(dims, x, grad_output, grad_h_n, grad_c_n, output, gates, cells);
+  const auto none = [&] { return at::empty({0}, x.options()); };
+  if (std::none_of(output_mask.begin(), output_mask.end(), [](bool wanted) { return wanted; })) {
+    return {none(), none(), none(), none(), none(), none(), none()};  // as a frozen direction of a layer pair
+  }
   const auto schedule = make_schedule(dims, batch_sizes, reverse);
   const at::Tensor x_rows = x.reshape({dims.rows, dims.input});
   const bool project = w_hr.has_value();
@@ -154,7 +160,6 @@ LayerBackwardResult lstm_layer_backward(const at::Tensor& grad_output, const at:
   Backend::make_backward_stepper(b, schedule)->run_all(schedule);
 
   const auto wanted = [&](BackwardOutput result, bool exists = true) { return exists && output_mask[result]; };
-  const auto none = [&] { return at::empty({0}, x.options()); };
   at::Tensor grad_x = wanted(kGradX) ? Backend::mm(b.d_gates, w_ih).view(x.sizes()) : none();
   at::Tensor grad_w_ih = wanted(kGradWih) ? Backend::mm(b.d_gates.t(), x_rows) : none();
   at::Tensor grad_w_hh =
@@ -171,9 +176,10 @@ LayerBackwardResult lstm_layer_backward(const at::Tensor& grad_output, const at:
 
 // Both directions of a bidirectional layer, each as lstm_layer_forward / lstm_layer_backward computes it
 // (outputs the same to the bit; gradients too, but to rounding where a backend's whole-sequence GEMMs split
-// their sums by the threads they have, as MKL's do at large sizes), run at once where the backend can: Backend::concurrently(first, second)
-// runs the two and rethrows the first's exception before the second's. Forward runs them so only where
-// Backend::forwards_at_once(w_hh, w_hh_reverse). An error in the reverse direction's arguments says so.
+// their sums by the threads they have, as MKL's do at large sizes), run at once where the backend can:
+// Backend::concurrently(first, second) runs the two and rethrows the first's exception before the second's.
+// Forward runs them so only where Backend::forwards_at_once(w_hh, w_hh_reverse). An error in the reverse
+// direction's arguments says so.
 
 template <class Direction>
 void in_reverse_direction(const Direction& direction) {

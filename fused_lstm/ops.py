@@ -62,11 +62,22 @@ def lstm_bidirectional_layer(
     ``(h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)``, the second with ``reverse=True``, and the same results. On the
     CPU they run at once, each on a thread of its own, forward and backward. Returns the two directions'
     (output, h_n, c_n)."""
+    h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = forward
+    h0_r, c0_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r, w_hr_r = reverse
     if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
-        return (lstm_layer(x, *forward, batch_sizes=batch_sizes),
-                lstm_layer(x, *reverse, batch_sizes=batch_sizes, reverse=True))  # fmt: skip
-    results = _bidirectional_forward(x, *forward, *reverse, batch_sizes)
+        return directions_one_after_the_other(x, forward, reverse, batch_sizes)
+    results = _bidirectional_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, h0_r, c0_r, w_ih_r, w_hh_r, b_ih_r,
+                                     b_hh_r, w_hr_r, batch_sizes)  # fmt: skip
     return results[0:3], results[5:8]
+
+
+def directions_one_after_the_other(
+    x: Tensor, forward: tuple, reverse: tuple, batch_sizes: Tensor | None = None
+) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
+    """lstm_bidirectional_layer's results, by one lstm_layer call per direction (torch.func runs this; tests
+    and benchmarks compare with it)."""
+    return (lstm_layer(x, *forward, batch_sizes=batch_sizes),
+            lstm_layer(x, *reverse, batch_sizes=batch_sizes, reverse=True))  # fmt: skip
 
 
 _forward = torch.ops.fused_lstm.lstm_layer_forward.default
@@ -98,11 +109,14 @@ def _bidirectional_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, h0_r, c
 
 @contextlib.contextmanager
 def _in_reverse_direction():
-    """The context the C++ kernels add to an error in the reverse direction's arguments (layer.h)."""
+    """The context the C++ kernels add to an error in the reverse direction's arguments (layer.h), as
+    c10::Error prints one context."""
     try:
         yield
     except RuntimeError as error:
-        raise type(error)(f"{error}\nfused_lstm: in the reverse direction's arguments") from None
+        if error.args and isinstance(error.args[0], str):
+            error.args = (f"{error.args[0]} (fused_lstm: in the reverse direction's arguments)", *error.args[1:])
+        raise
 
 
 _FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)

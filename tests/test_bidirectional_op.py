@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from fused_lstm.ops import lstm_bidirectional_layer, lstm_layer
+from fused_lstm.ops import directions_one_after_the_other, lstm_bidirectional_layer
 from test_layer_op import OpCalls, gradcheck_inputs
 from test_op_errors import good_args, on_meta
 
@@ -36,11 +36,6 @@ def results_and_gradients(layer_pair, x, batch_sizes, forward, reverse):
     return results, torch.autograd.grad(loss, leaves(x, forward, reverse))
 
 
-def one_direction_at_a_time(x, forward, reverse, batch_sizes):
-    return (lstm_layer(x, *forward, batch_sizes=batch_sizes),
-            lstm_layer(x, *reverse, batch_sizes=batch_sizes, reverse=True))  # fmt: skip
-
-
 CASES = [(bias, proj, packed, bias) for bias, proj, packed in itertools.product([True, False], repeat=3)]
 CASES += [(True, False, False, False), (False, True, True, True)]  # a bias in one direction only
 
@@ -51,7 +46,7 @@ def test_same_results_as_one_direction_at_a_time(bias, proj, packed, bias_revers
     """Bit for bit: each direction runs the same code, on one thread or on a thread of its own."""
     torch.set_num_threads(threads)
     x, batch_sizes, forward, reverse = bidirectional_inputs(bias, proj, packed, bias_reverse)
-    expected, expected_grads = results_and_gradients(one_direction_at_a_time, x, batch_sizes, forward, reverse)
+    expected, expected_grads = results_and_gradients(directions_one_after_the_other, x, batch_sizes, forward, reverse)
     actual, grads = results_and_gradients(lstm_bidirectional_layer, x, batch_sizes, forward, reverse)
     assert len(grads) == len(expected_grads) == 1 + 7 * 2 - (not bias) * 2 - (not bias_reverse) * 2 - (not proj) * 2
     for e, a in zip(expected + list(expected_grads), actual + list(grads), strict=True):
@@ -68,13 +63,13 @@ def test_same_results_at_sizes_that_split_the_work(float32, restore_threads):
     one thread in each direction's task against two for a direction alone."""
     torch.set_num_threads(2)
     dtype = torch.float32 if float32 else torch.float64
-    for steps, batch, hidden in [(20, 16, 96), (20, 1, 64), (3, 2, 512)]:
+    for steps, batch, hidden in [(20, 16, 96), (40, 1, 128), (3, 2, 512)]:
         torch.manual_seed(batch)
         make = lambda *shape: (torch.randn(*shape, dtype=dtype) * 0.3).requires_grad_()  # noqa: E731
         x = make(steps, batch, 24)
         forward, reverse = [(make(batch, hidden), make(batch, hidden), make(4 * hidden, 24), make(4 * hidden, hidden),
                              make(4 * hidden), make(4 * hidden), None) for _ in range(2)]  # fmt: skip
-        expected, expected_grads = results_and_gradients(one_direction_at_a_time, x, None, forward, reverse)
+        expected, expected_grads = results_and_gradients(directions_one_after_the_other, x, None, forward, reverse)
         actual, grads = results_and_gradients(lstm_bidirectional_layer, x, None, forward, reverse)
         for e, a in zip(expected, actual, strict=True):
             assert torch.equal(e, a)
@@ -83,7 +78,15 @@ def test_same_results_at_sizes_that_split_the_work(float32, restore_threads):
             assert (a - e).abs().max() <= rounding * e.abs().max()
 
 
-@pytest.mark.parametrize("frozen", ["x", "forward direction", "reverse weights", "everything but w_hh_reverse"])
+def test_gates_and_cells_are_not_differentiable():
+    """Of the forward op's ten results, both directions' gates and cells (3, 4, 8, 9) have no gradient."""
+    x, batch_sizes, forward, reverse = bidirectional_inputs(True, True, True)
+    results = torch.ops.fused_lstm.lstm_bidirectional_layer_forward(x, *forward, *reverse, batch_sizes)
+    assert [t.requires_grad for t in results] == [True, True, True, False, False] * 2
+
+
+@pytest.mark.parametrize("frozen", ["x", "forward direction", "reverse weights", "everything but w_hh_reverse",
+                                    "x and the reverse direction"])
 def test_asks_only_for_the_gradients_its_inputs_need(frozen):
     x, batch_sizes, forward, reverse = bidirectional_inputs(True, True, False)
     detach = lambda ts, keep=(): tuple(t if i in keep else t.detach() for i, t in enumerate(ts))  # noqa: E731
@@ -93,9 +96,11 @@ def test_asks_only_for_the_gradients_its_inputs_need(frozen):
         forward = detach(forward)
     elif frozen == "reverse weights":
         reverse = detach(reverse, keep=(0, 1))
+    elif frozen == "x and the reverse direction":  # nothing to compute there: an all-false mask
+        x, reverse = x.detach(), detach(reverse)
     else:
         x, forward, reverse = x.detach(), detach(forward), detach(reverse, keep=(3,))
-    _, expected = results_and_gradients(one_direction_at_a_time, x, batch_sizes, forward, reverse)
+    _, expected = results_and_gradients(directions_one_after_the_other, x, batch_sizes, forward, reverse)
     with OpCalls() as calls:
         _, grads = results_and_gradients(lstm_bidirectional_layer, x, batch_sizes, forward, reverse)
     for e, a in zip(expected, grads, strict=True):
@@ -130,7 +135,7 @@ def test_under_torch_func_transforms():
     """torch.func refuses the C++ autograd node: the directions then run one at a time. torch.func.grad runs
     backward with create_graph, so through the recomputation of double backward: equal to rounding."""
     x, batch_sizes, forward, reverse = bidirectional_inputs(True, False, True)
-    _, expected = results_and_gradients(one_direction_at_a_time, x, batch_sizes, forward, reverse)
+    _, expected = results_and_gradients(directions_one_after_the_other, x, batch_sizes, forward, reverse)
 
     def loss(w_hh_reverse):
         reverse_ = (*reverse[:3], w_hh_reverse, *reverse[4:])
@@ -156,8 +161,8 @@ def bidirectional_args(reverse_overrides=(), **forward_overrides):
 ERROR_CASES = {
     "forward w_hh": (bidirectional_args(w_hh=torch.randn(20, 6)), "expected w_hh of shape [20, 5], got [20, 6]", False),
     "reverse w_hh": (bidirectional_args({"w_hh": torch.randn(20, 6)}), "expected w_hh of shape [20, 5], got [20, 6]", True),
-    "reverse h0 dtype": (bidirectional_args({"h0": torch.randn(2, 5, dtype=torch.float64)}), "h0 has dtype Double", True),
-    "both directions": (bidirectional_args({"c0": torch.randn(2, 6)}, w_ih=torch.randn(20, 4)), "expected w_ih of shape [20, 3]", False),
+    "reverse h0 dtype": (bidirectional_args({"h0": torch.randn(2, 5, dtype=torch.float64)}), "h0 has dtype Double but x has dtype Float", True),
+    "both directions": (bidirectional_args({"c0": torch.randn(2, 6)}, w_ih=torch.randn(20, 4)), "expected w_ih of shape [20, 3], got [20, 4]", False),
 }  # fmt: skip
 
 
@@ -173,7 +178,8 @@ def test_forward_rejects_and_names_the_direction(case, device, threads, restore_
         args = [v.to("meta") if isinstance(v, torch.Tensor) else v for v in args]
     with pytest.raises(RuntimeError, match=re.escape(message)) as error:
         torch.ops.fused_lstm.lstm_bidirectional_layer_forward(*args)
-    assert ("in the reverse direction's arguments" in str(error.value)) == in_reverse
+    context = " (fused_lstm: in the reverse direction's arguments)"
+    assert str(error.value).splitlines()[0] == f"fused_lstm: {message}{context if in_reverse else ''}"
 
 
 def bidirectional_backward_args(**reverse_overrides):
@@ -207,4 +213,3 @@ def test_good_backward_args_are_accepted():
     results = torch.ops.fused_lstm.lstm_bidirectional_layer_backward(**bidirectional_backward_args())
     assert [tuple(t.shape) for t in results[:7]] == [(4, 2, 3), (2, 5), (2, 5), (20, 3), (20, 5), (20,), (0,)]
     assert [tuple(t.shape) for t in results[7:]] == [tuple(t.shape) for t in results[:7]]
-
