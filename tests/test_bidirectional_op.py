@@ -40,10 +40,11 @@ CASES = [(bias, proj, packed, bias) for bias, proj, packed in itertools.product(
 CASES += [(True, False, False, False), (False, True, True, True)]  # a bias in one direction only
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("bias,proj,packed,bias_reverse", CASES)
-def test_same_results_as_one_direction_at_a_time(bias, proj, packed, bias_reverse, threads, restore_threads):
-    """Bit for bit: each direction runs the same code, on one thread or on a thread of its own."""
+def test_same_results_as_directions_one_after_the_other(bias, proj, packed, bias_reverse, threads, restore_threads):
+    """Bit for bit: each direction runs the same code, on a thread of its own with 2 threads, one after the
+    other with 1 or 3 (CpuBackend::concurrently)."""
     torch.set_num_threads(threads)
     x, batch_sizes, forward, reverse = bidirectional_inputs(bias, proj, packed, bias_reverse)
     expected, expected_grads = results_and_gradients(directions_one_after_the_other, x, batch_sizes, forward, reverse)
