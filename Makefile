@@ -45,7 +45,7 @@ bench: build
 # allocator_may_return_null=1: the fuzz asks for impossible allocations on purpose and expects the op's
 # exception, not ASan's abort. Not part of `make test`: about 5 minutes on 2 cores.
 SANITIZE_DIR := build-sanitize
-SANITIZE_TESTS ?= tests/test_layer_op.py tests/test_op_errors.py tests/test_fuzz.py
+SANITIZE_TESTS ?= tests/test_layer_op.py tests/test_bidirectional_op.py tests/test_op_errors.py tests/test_fuzz.py
 SANITIZE_PRELOAD = $(shell $(CXX) -print-file-name=libasan.so) $(shell $(CXX) -print-file-name=libstdc++.so)
 # python -P: without it `-m` puts the working directory first on sys.path, and the tests would import the
 # normal build in ./fused_lstm instead of the sanitized one (the first command checks which one loads).
