@@ -62,12 +62,12 @@ def lstm_bidirectional_layer(
     ``(h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)``, the second with ``reverse=True``, and the same results. On the
     CPU they run at once, each on a thread of its own, forward and backward. Returns the two directions'
     (output, h_n, c_n)."""
-    h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = forward
-    h0_r, c0_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r, w_hr_r = reverse
+    if len(forward) != 7 or len(reverse) != 7:
+        raise ValueError(f"lstm_bidirectional_layer: each direction is (h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), "
+                         f"got {len(forward)} and {len(reverse)} values")  # fmt: skip
     if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
         return directions_one_after_the_other(x, forward, reverse, batch_sizes)
-    results = _bidirectional_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, h0_r, c0_r, w_ih_r, w_hh_r, b_ih_r,
-                                     b_hh_r, w_hr_r, batch_sizes)  # fmt: skip
+    results = _bidirectional_forward(x, *forward, *reverse, batch_sizes)
     return results[0:3], results[5:8]
 
 

@@ -769,11 +769,11 @@ struct CpuBackend {
   // after the other: with more, each task on one thread would leave the others idle, as ATen's parallel_for
   // and MKL run inline in a parallel region); the exception of the first to throw in that order is rethrown.
   // Each runs with the caller's thread-local state (grad mode, excluded dispatch keys) and on one thread
-  // (available_threads). For the two
-  // directions of a bidirectional layer: each direction's recurrence then keeps a core to itself, with no
-  // barrier per step. Measured by benchmarks/bidirectional_at_once.py (2 threads, float32, one layer, the
-  // module against itself running one direction after the other): T = 50, B = 1, H = 64: inference 1.69x,
-  // training 1.38x; T = 100, B = 16, I = 128, H = 256: 1.26x and 1.25x; T = 50, B = 64, H = 256: 1.14x and 1.07x.
+  // (available_threads). For the two directions of a bidirectional layer: each direction's recurrence then
+  // keeps a core to itself, with no barrier per step. Measured by benchmarks/bidirectional_at_once.py (2
+  // threads, float32, one layer, the module against itself running one direction after the other; two runs):
+  // T = 50, B = 1, H = 64: inference 1.38-1.69x, training 1.25-1.38x; T = 100, B = 16, I = 128, H = 256:
+  // 1.19-1.26x and 1.16-1.25x; T = 50, B = 64, H = 256: 1.14-1.16x and 1.07-1.11x.
   template <typename First, typename Second>
   static void concurrently(const First& first, const Second& second) {
     if (available_threads() != 2) {
