@@ -410,6 +410,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bidirectional", action="store_true", help="bidirectional LSTM for --shapes")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--tf32", choices=["on", "off"], default="off", help="CUDA: TF32 for cuDNN and cuBLAS (default off)")
+    add_timing_arguments(p)
+    p.add_argument("--json", metavar="PATH", help="write every figure as JSON")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the speedups (needs matplotlib)")
+    return timing_arguments_applied(p.parse_args(argv))
+
+
+def add_timing_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of time_interleaved (also benchmarks/bidirectional_at_once.py's)."""
     p.add_argument("--quick", action="store_true", help="few, short repetitions: a smoke test, not a measurement")
     p.add_argument("--reps", type=int, help="fixed number of repetitions (default: adapt to --budget)")
     p.add_argument("--budget", type=float, default=12.0, help="seconds of timing per shape and mode (default 12)")
@@ -418,9 +426,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=0.3, help="seconds of untimed calls per candidate first")
     p.add_argument("--warmup-calls", type=int, default=2, help="untimed calls per candidate first, at least")
     p.add_argument("--min-block", type=float, default=0.02, help="seconds each timed block lasts at least")
-    p.add_argument("--json", metavar="PATH", help="write every figure as JSON")
-    p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the speedups (needs matplotlib)")
-    args = p.parse_args(argv)
+
+
+def timing_arguments_applied(args: argparse.Namespace) -> argparse.Namespace:
+    """args with --quick's settings in place of the timing options it overrides."""
     if args.quick:
         args.budget, args.min_reps, args.max_reps, args.min_block = 0.5, 3, 3, 0.002
         args.warmup, args.warmup_calls = 0.0, 1

@@ -14,14 +14,18 @@ from test_op_errors import good_args, on_meta
 DIRECTION_ARGS = ["h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr"]
 
 
+def other_values(t, requires_grad=True):
+    """A leaf shaped like t with other values (the reverse direction's, made from the forward one's); None for None."""
+    return None if t is None else (t.detach() * 0.8 + 0.1).requires_grad_(requires_grad)
+
+
 def bidirectional_inputs(bias, proj, packed, bias_reverse=None):
     """x, batch_sizes and each direction's (h0, ..., w_hr), all float64 leaves; the reverse direction's values
     differ from the forward one's, and it has a bias where bias_reverse (default: bias) says."""
     forward = gradcheck_inputs(bias, proj, packed)
     reverse = gradcheck_inputs(bias if bias_reverse is None else bias_reverse, proj, packed)
-    shifted = lambda t: None if t is None else (t.detach() * 0.8 + 0.1).requires_grad_()  # noqa: E731
     return (forward["x"], forward["batch_sizes"], tuple(forward[n] for n in DIRECTION_ARGS),
-            tuple(shifted(reverse[n]) for n in DIRECTION_ARGS))  # fmt: skip
+            tuple(other_values(reverse[n]) for n in DIRECTION_ARGS))  # fmt: skip
 
 
 def leaves(x, forward, reverse):

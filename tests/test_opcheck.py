@@ -5,6 +5,7 @@ import itertools
 import pytest
 import torch
 
+from test_bidirectional_op import other_values
 from test_layer_op import gradcheck_inputs
 
 FORWARD_ARGS = ["x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "batch_sizes"]
@@ -47,7 +48,7 @@ def test_opcheck_backward_with_output_mask():
 def bidirectional_forward_args(bias, proj, packed, requires_grad):
     """The forward direction's arguments of forward_args, and the reverse one's with other values."""
     x, *forward, batch_sizes = forward_args(bias, proj, packed, requires_grad)
-    reverse = [t if t is None else (t.detach() * 0.8 + 0.1).requires_grad_(requires_grad) for t in forward]
+    reverse = [other_values(t, requires_grad) for t in forward]
     return [x, *forward, *reverse, batch_sizes]
 
 
