@@ -341,16 +341,21 @@ class StepGemm {
       pack_panels();
     }
     if constexpr (std::is_same_v<S, float>) {
-      const int64_t rows = uniform_rows(prepare_for);
-      if (rows >= kMinRowsToPack && used_for != StepRows::kSmallOnly && !b_transposed &&
-          blas::PackedWeight::available()) {  // (MKL's packing here takes B untransposed)
+      if (used_for != StepRows::kSmallOnly && packs(prepare_for)) {
+        const int64_t rows = uniform_rows(prepare_for);
         const blas::SingleThreaded single;  // MKL asks for the same thread count to pack as to compute
         for (int64_t j0 = 0; j0 < n; j0 += tile_columns_) {
-          packed_.push_back(
-              std::make_unique<blas::PackedWeight>(rows, std::min(tile_columns_, n - j0), k, b + j0, ldb));
+          packed_.push_back(std::make_unique<blas::PackedWeight>(rows, std::min(tile_columns_, n - j0), k,
+                                                                 b + (b_transposed ? j0 * ldb : j0), ldb,
+                                                                 b_transposed));
         }
       }
     }
+  }
+
+  // Whether steps past the small batches run on B packed by MKL, given these steps to prepare for.
+  static bool packs(const std::vector<Step>& prepare_for) {
+    return std::is_same_v<S, float> && uniform_rows(prepare_for) >= kMinRowsToPack && blas::PackedWeight::available();
   }
 
   StepGemm(const StepWeight<S>& b, int64_t n, int64_t k, bool accumulate, const std::vector<Step>& prepare_for,
@@ -519,7 +524,9 @@ class BlasForwardStepper final : public ForwardStepper {
  public:
   BlasForwardStepper(const ForwardBuffers& b, const std::vector<Step>& schedule)
       : w_(b.w_hh), project_(b.w_hr.defined()), prepare_for_(steps_to_prepare(schedule, b.w_hh)),
-        w_hh_t_(widest_step(prepare_for_) > StepGemm<S>::kMaxSmallRows ? transposed<S>(b.w_hh) : at::Tensor()),
+        w_hh_t_(widest_step(prepare_for_) > StepGemm<S>::kMaxSmallRows && !StepGemm<S>::packs(prepare_for_)
+                    ? transposed<S>(b.w_hh)
+                    : at::Tensor()),
         w_hr_t_(project_ && !prepare_for_.empty() ? transposed<S>(b.w_hr) : at::Tensor()),
         gates_(b.gates.data_ptr<S>()), cells_(b.cells.data_ptr<S>()), output_(b.output.data_ptr<S>()),
         h_state_(b.h_state.data_ptr<S>()), c_state_(b.c_state.data_ptr<S>()),
@@ -617,6 +624,7 @@ class BlasForwardStepper final : public ForwardStepper {
   bool project_;
   const std::vector<Step>& prepare_for_;  // steps_to_prepare: the schedule, or no steps
   at::Tensor w_hh_t_;  // [Hout, 4H], where some step to prepare for has more rows than the small kernel takes
+                       // and MKL does not pack W_hh (it packs W_hh as stored)
   at::Tensor w_hr_t_;  // [H, Hout], where projecting and preparing
   S* gates_;
   S* cells_;

@@ -74,7 +74,7 @@ SingleThreaded::~SingleThreaded() {
 namespace {
 
 // MKL's CBLAS enumerations (mkl_cblas.h).
-enum : int { kRowMajor = 101, kNoTrans = 111, kPacked = 151, kBMatrix = 162 };
+enum : int { kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162 };
 
 struct PackApi {
   size_t (*get_size)(int identifier, int m, int n, int k) = nullptr;
@@ -102,12 +102,12 @@ bool PackedWeight::available() {
   return api.get_size && api.pack && api.compute;
 }
 
-PackedWeight::PackedWeight(int64_t m, int64_t n, int64_t k, const float* b, int64_t ldb)
+PackedWeight::PackedWeight(int64_t m, int64_t n, int64_t k, const float* b, int64_t ldb, bool b_transposed)
     : m_(static_cast<int>(m)), n_(static_cast<int>(n)), k_(static_cast<int>(k)) {
   const PackApi& api = pack_api();
   packed_ = static_cast<float*>(std::malloc(api.get_size(kBMatrix, m_, n_, k_)));
   TORCH_CHECK(packed_ != nullptr, "fused_lstm: out of memory packing the recurrent weights");
-  api.pack(kRowMajor, kBMatrix, kNoTrans, m_, n_, k_, 1.0f, b, static_cast<int>(ldb), packed_);
+  api.pack(kRowMajor, kBMatrix, b_transposed ? kTrans : kNoTrans, m_, n_, k_, 1.0f, b, static_cast<int>(ldb), packed_);
 }
 
 PackedWeight::~PackedWeight() {

@@ -57,8 +57,9 @@ bool transpose(int64_t rows, int64_t cols, const T* src, T* dst);
 class PackedWeight {
  public:
   static bool available();
-  // Packs B for C[m, n] = A[m, k] B[k, n], B row-major with row stride ldb.
-  PackedWeight(int64_t m, int64_t n, int64_t k, const float* b, int64_t ldb);
+  // Packs B for C[m, n] = A[m, k] B[k, n], B row-major with row stride ldb; with b_transposed, B's transpose
+  // [n, k] with row stride ldb (a weight as stored).
+  PackedWeight(int64_t m, int64_t n, int64_t k, const float* b, int64_t ldb, bool b_transposed = false);
   ~PackedWeight();
   PackedWeight(const PackedWeight&) = delete;
   PackedWeight& operator=(const PackedWeight&) = delete;
