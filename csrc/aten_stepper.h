@@ -3,7 +3,10 @@
 // ATen's GEMMs run on the current stream. The CPU uses them where it has no direct BLAS path.
 #pragma once
 
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
+
+#include <optional>
 
 #include "step.h"
 
@@ -19,12 +22,12 @@ class AtenForwardStepper final : public ForwardStepper {
   }
 
   void run(const Step& step) override {
-    at::Tensor gates = b_.gates.narrow(0, step.offset, step.rows);
+    at::Tensor gates = b_.gates.narrow(0, step.window_offset, step.rows);
     at::Tensor h = b_.h_state.narrow(0, 0, step.rows);
     at::Tensor output = b_.output.narrow(0, step.offset, step.rows);
     const bool project = b_.w_hr.defined();
     gates.addmm_(h, w_hh_t_);
-    CellForwardStep cell{gates, b_.c_state.narrow(0, 0, step.rows), b_.cells.narrow(0, step.offset, step.rows),
+    CellForwardStep cell{gates, b_.c_state.narrow(0, 0, step.rows), b_.cells.narrow(0, step.window_offset, step.rows),
                          project ? b_.unprojected.narrow(0, 0, step.rows) : output,
                          project ? at::Tensor() : h};
     Cell::forward_step(cell);
@@ -38,6 +41,27 @@ class AtenForwardStepper final : public ForwardStepper {
   const ForwardBuffers& b_;
   at::Tensor w_hh_t_;
   at::Tensor w_hr_t_;
+};
+
+// An inference call's input projection as one ATen GEMM per window (layer.h).
+class AtenInputProjection final : public InputProjection {
+ public:
+  // w_ih: [4H, I]; b_ih, b_hh: [4H], both or neither.
+  AtenInputProjection(const at::Tensor& w_ih, const std::optional<at::Tensor>& b_ih,
+                      const std::optional<at::Tensor>& b_hh)
+      : w_ih_t_(w_ih.t()), bias_(b_ih.has_value() ? b_ih->add(*b_hh) : at::Tensor()) {}
+
+  void operator()(const at::Tensor& x_rows, at::Tensor& gates) override {
+    if (bias_.defined()) {
+      at::addmm_out(gates, bias_, x_rows, w_ih_t_);
+    } else {
+      at::mm_out(gates, x_rows, w_ih_t_);
+    }
+  }
+
+ private:
+  at::Tensor w_ih_t_;  // [I, 4H], a view
+  at::Tensor bias_;    // [4H]: b_ih + b_hh, or undefined
 };
 
 template <class Cell>

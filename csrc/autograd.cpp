@@ -326,11 +326,29 @@ struct AutogradKernel<Function, Result(Args...)> {
   }
 };
 
+// The Autograd kernel of the inference ops, which keep nothing for backward: a call that autograd would record
+// (grad mode, and an argument that requires grad) is refused, rather than returning outputs without a
+// gradient; any other goes on to the backend's kernel.
+void refused_if_recorded(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const auto arguments = torch::jit::last(*stack, op.schema().arguments().size());
+  const bool recorded = at::GradMode::is_enabled() &&
+                        std::any_of(arguments.begin(), arguments.end(), [](const c10::IValue& value) {
+                          return value.isTensor() && value.toTensor().defined() && value.toTensor().requires_grad();
+                        });
+  TORCH_CHECK(!recorded, "fused_lstm: ", op.schema().name(),
+              " keeps nothing for backward, but an argument requires grad: call the forward op, which does "
+              "(fused_lstm.ops.lstm_layer chooses)");
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_lstm, Autograd, m) {
   m.impl("lstm_layer_forward", &AutogradKernel<Layer, ForwardSignature>::call);
   m.impl("lstm_bidirectional_layer_forward", &AutogradKernel<BidirectionalLayer, BidirectionalForwardSignature>::call);
+  m.impl("lstm_layer_inference", torch::CppFunction::makeFromBoxedFunction<&refused_if_recorded>());
+  m.impl("lstm_bidirectional_layer_inference", torch::CppFunction::makeFromBoxedFunction<&refused_if_recorded>());
 }
 
 }  // namespace fused_lstm

@@ -4,6 +4,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 
 #include <c10/util/safe_numerics.h>
@@ -179,9 +180,46 @@ std::vector<Step> make_schedule(const LayerDims& dims, const std::optional<at::T
   for (size_t k = 0; k < sizes.size(); ++k) {
     const size_t t = reverse ? sizes.size() - 1 - k : k;
     const int64_t carried = k == 0 ? 0 : std::min(sizes[t], schedule.back().rows);
-    schedule.push_back(Step{offsets[t], sizes[t], carried});
+    schedule.push_back(Step{offsets[t], sizes[t], carried, offsets[t]});
   }
   return schedule;
+}
+
+ForwardBuffers state_buffers(const LayerDims& dims, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                             const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr) {
+  const bool project = w_hr.has_value();
+  ForwardBuffers b;
+  b.w_hh = w_hh.contiguous();
+  b.w_hr = project ? w_hr->contiguous() : at::Tensor();
+  b.output = at::empty({dims.rows, dims.output}, x.options());
+  b.h_state = h0.clone(at::MemoryFormat::Contiguous);
+  b.c_state = c0.clone(at::MemoryFormat::Contiguous);
+  b.unprojected = project ? at::empty({dims.batch, dims.hidden}, x.options()) : at::Tensor();
+  return b;
+}
+
+at::Tensor output_view(const LayerDims& dims, const at::Tensor& output, const std::optional<at::Tensor>& batch_sizes) {
+  return batch_sizes.has_value() ? output : output.view({dims.steps, dims.batch, dims.output});
+}
+
+std::vector<Window> windows(const std::vector<Step>& schedule, int64_t min_rows) {
+  std::vector<Window> result;
+  for (const Step& step : schedule) {
+    if (result.empty() || result.back().rows >= min_rows) {
+      result.push_back(Window{step.offset, 0, {}});
+    }
+    Window& window = result.back();
+    // Rows are consecutive in processing order: in reverse, each step's come before the previous one's.
+    window.first_row = std::min(window.first_row, step.offset);
+    window.rows += step.rows;
+    window.steps.push_back(step);
+  }
+  for (Window& window : result) {
+    for (Step& step : window.steps) {
+      step.window_offset = step.offset - window.first_row;
+    }
+  }
+  return result;
 }
 
 at::Tensor previous_states(const at::Tensor& seq, const at::Tensor& init, const std::vector<Step>& schedule) {
@@ -228,6 +266,11 @@ TORCH_LIBRARY(fused_lstm, m) {
       "bool[7] output_mask=[True, True, True, True, True, True, True]) "
       "-> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
       "Tensor grad_bias, Tensor grad_w_hr)");
+  // lstm_layer_forward without what backward needs (layer.h lstm_layer_inference): for calls that need no
+  // gradient, which then hold a window of steps' gates at a time instead of every step's.
+  m.def(
+      "lstm_layer_inference(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse) -> (Tensor output, Tensor h_n, Tensor c_n)");
   // Both directions of a bidirectional layer at once (layer.h): lstm_layer_forward's arguments and results for
   // the forward direction, then for the reverse one, which shares x and batch_sizes.
   m.def(
@@ -236,6 +279,11 @@ TORCH_LIBRARY(fused_lstm, m) {
       "Tensor? b_ih_reverse, Tensor? b_hh_reverse, Tensor? w_hr_reverse, Tensor? batch_sizes) "
       "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells, Tensor output_reverse, "
       "Tensor h_n_reverse, Tensor c_n_reverse, Tensor gates_reverse, Tensor cells_reverse)");
+  m.def(
+      "lstm_bidirectional_layer_inference(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh, Tensor? w_hr, Tensor h0_reverse, Tensor c0_reverse, Tensor w_ih_reverse, Tensor w_hh_reverse, "
+      "Tensor? b_ih_reverse, Tensor? b_hh_reverse, Tensor? w_hr_reverse, Tensor? batch_sizes) "
+      "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor output_reverse, Tensor h_n_reverse, Tensor c_n_reverse)");
   m.def(
       "lstm_bidirectional_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, "
       "Tensor grad_output_reverse, Tensor grad_h_n_reverse, Tensor grad_c_n_reverse, Tensor x, Tensor h0, "

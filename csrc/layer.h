@@ -3,7 +3,8 @@
 // they run on the inputs' device) and what forward saves for backward. Each step goes to a backend's stepper
 // (step.h): `Backend` has static make_forward_stepper(ForwardBuffers, schedule) and
 // make_backward_stepper(BackwardBuffers, schedule), the input projection, input_gates (as aten_input_gates),
-// and mm (as at::mm) for the whole-sequence GEMMs of backward.
+// and mm (as at::mm) for the whole-sequence GEMMs of backward; for inference calls, window_rows(x, dims) and
+// make_input_projection(w_ih, b_ih, b_hh, windows), an InputProjection (step.h) for those windows.
 //
 // Sequences are handled in packed form: x is [N, I] with a batch size per step (a PackedSequence's
 // batch_sizes, non-increasing), and step t owns rows [offset_t, offset_t + batch_sizes[t]). A dense [T, B, I]
@@ -57,6 +58,24 @@ void check_backward_inputs(const LayerDims& dims, const at::Tensor& x, const at:
 std::vector<Step> make_schedule(const LayerDims& dims, const std::optional<at::Tensor>& batch_sizes,
                                 bool reverse);
 
+// A window of an inference call: consecutive steps of its schedule, whose gates it holds at once.
+struct Window {
+  int64_t first_row;        // the window's first row in the sequence's [N, *] tensors
+  int64_t rows;             // its rows, the sum of its steps'
+  std::vector<Step> steps;  // in processing order, with window_offset counted from first_row
+};
+
+// The schedule cut into windows of whole steps, each of at least min_rows rows but the last.
+std::vector<Window> windows(const std::vector<Step>& schedule, int64_t min_rows);
+
+// A forward call's buffers but its gates and cells: the weights made contiguous, the output [N, Hout], the
+// state from h0 and c0, and the projection's scratch.
+ForwardBuffers state_buffers(const LayerDims& dims, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                             const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr);
+
+// output [N, Hout] as the op returns it: [T, B, Hout] for a dense x.
+at::Tensor output_view(const LayerDims& dims, const at::Tensor& output, const std::optional<at::Tensor>& batch_sizes);
+
 // The state each row held before each step: row r of step s gets seq's row from the previous step, or
 // init's row where the sequence starts at s. seq: [N, X]; init: [B, X] -> [N, X].
 at::Tensor previous_states(const at::Tensor& seq, const at::Tensor& init, const std::vector<Step>& schedule);
@@ -72,10 +91,12 @@ inline at::Tensor aten_input_gates(const at::Tensor& x_rows, const at::Tensor& w
 }
 
 using LayerForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using LayerInferenceResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using LayerBackwardResult =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 // A bidirectional layer's: the forward direction's, then the reverse direction's.
 using BidirectionalForwardResult = decltype(std::tuple_cat(LayerForwardResult{}, LayerForwardResult{}));
+using BidirectionalInferenceResult = decltype(std::tuple_cat(LayerInferenceResult{}, LayerInferenceResult{}));
 using BidirectionalBackwardResult = decltype(std::tuple_cat(LayerBackwardResult{}, LayerBackwardResult{}));
 
 // x: [T, B, I] (batch_sizes empty) or [N, I] (packed); h0: [B, Hout]; c0: [B, H]; w_ih: [4H, I];
@@ -90,26 +111,48 @@ LayerForwardResult lstm_layer_forward(
   const NoAutocast no_autocast;
   const LayerDims dims = check_layer_inputs(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes);
   const at::Tensor x_rows = x.reshape({dims.rows, dims.input});
-  const bool project = w_hr.has_value();
-
-  ForwardBuffers b;
-  b.w_hh = w_hh.contiguous();
-  b.w_hr = project ? w_hr->contiguous() : at::Tensor();
+  ForwardBuffers b = state_buffers(dims, x, h0, c0, w_hh, w_hr);
   // The input projection of every step in one GEMM; the steps then add h_{t-1} W_hh^T in place.
   b.gates = Backend::input_gates(x_rows, w_ih, b_ih, b_hh);
   b.cells = at::empty({dims.rows, dims.hidden}, x.options());
-  b.output = at::empty({dims.rows, dims.output}, x.options());
-  b.h_state = h0.clone(at::MemoryFormat::Contiguous);
-  b.c_state = c0.clone(at::MemoryFormat::Contiguous);
-  b.unprojected = project ? at::empty({dims.batch, dims.hidden}, x.options()) : at::Tensor();
 
   // After the buffers, so that sizes too large for memory fail in at::empty, with its message.
   const auto schedule = make_schedule(dims, batch_sizes, reverse);
   Backend::make_forward_stepper(b, schedule)->run_all(schedule);
-  const auto output_shape = batch_sizes.has_value()
-                                ? std::vector<int64_t>{dims.rows, dims.output}
-                                : std::vector<int64_t>{dims.steps, dims.batch, dims.output};
-  return {b.output.view(output_shape), b.h_state, b.c_state, b.gates, b.cells};
+  return {output_view(dims, b.output, batch_sizes), b.h_state, b.c_state, b.gates, b.cells};
+}
+
+// lstm_layer_forward's output, h_n and c_n alone (the same values, but for rounding where the input
+// projection's GEMM runs in other blocks), for calls that need no gradient: nothing is kept for backward, so
+// the call holds the gates and cells of a window of steps at a time (of at least Backend::window_rows(x, dims)
+// rows), projecting each window's inputs just before its steps. Unlike the whole sequence's [N, 4H] gates,
+// the window is reused from one window to the next, and still in cache when its steps read it.
+template <class Backend>
+LayerInferenceResult lstm_layer_inference(
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+  const NoAutocast no_autocast;
+  const LayerDims dims = check_layer_inputs(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes);
+  ForwardBuffers b = state_buffers(dims, x, h0, c0, w_hh, w_hr);
+  const auto schedule = make_schedule(dims, batch_sizes, reverse);  // after the output's at::empty, as above
+  const std::vector<Window> steps_by_window = windows(schedule, Backend::window_rows(x, dims));
+  int64_t window_rows = 0;
+  for (const Window& window : steps_by_window) {
+    window_rows = std::max(window_rows, window.rows);
+  }
+  b.gates = at::empty({window_rows, 4 * dims.hidden}, x.options());
+  b.cells = at::empty({window_rows, dims.hidden}, x.options());
+
+  const at::Tensor x_rows = x.reshape({dims.rows, dims.input});
+  const auto project_inputs = Backend::make_input_projection(w_ih, b_ih, b_hh, steps_by_window);
+  const auto stepper = Backend::make_forward_stepper(b, schedule);
+  for (const Window& window : steps_by_window) {
+    at::Tensor gates = b.gates.narrow(0, 0, window.rows);
+    (*project_inputs)(x_rows.narrow(0, window.first_row, window.rows), gates);
+    stepper->run_all(window.steps);
+  }
+  return {output_view(dims, b.output, batch_sizes), b.h_state, b.c_state};
 }
 
 // Which of lstm_layer_backward's results to compute, in their order: grad_x, grad_h0, grad_c0, grad_w_ih,
@@ -174,12 +217,12 @@ LayerBackwardResult lstm_layer_backward(const at::Tensor& grad_output, const at:
           grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
 }
 
-// Both directions of a bidirectional layer, each as lstm_layer_forward / lstm_layer_backward computes it
-// (outputs the same to the bit; gradients too, but to rounding where a backend's whole-sequence GEMMs split
-// their sums by the threads they have, as MKL's do at large sizes), run at once where the backend can:
-// Backend::concurrently(first, second) runs the two and rethrows the first's exception before the second's.
-// Forward runs them so only where Backend::forwards_at_once(w_hh, w_hh_reverse). An error in the reverse
-// direction's arguments says so.
+// Both directions of a bidirectional layer, each as lstm_layer_forward, lstm_layer_inference or
+// lstm_layer_backward computes it (outputs the same to the bit; gradients too, but to rounding where a
+// backend's whole-sequence GEMMs split their sums by the threads they have, as MKL's do at large sizes), run
+// at once where the backend can: Backend::concurrently(first, second) runs the two and rethrows the first's
+// exception before the second's. Forwards run them so only where Backend::forwards_at_once(w_hh,
+// w_hh_reverse). An error in the reverse direction's arguments says so.
 
 template <class Direction>
 void in_reverse_direction(const Direction& direction) {
@@ -192,23 +235,22 @@ void in_reverse_direction(const Direction& direction) {
 }
 
 // The arguments of lstm_layer_forward, then the reverse direction's h0 to w_hr, then batch_sizes; returns
-// lstm_layer_forward's results for the forward direction, then for the reverse one.
-template <class Backend>
-BidirectionalForwardResult lstm_bidirectional_layer_forward(
-    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-    const std::optional<at::Tensor>& w_hr, const at::Tensor& h0_reverse, const at::Tensor& c0_reverse,
-    const at::Tensor& w_ih_reverse, const at::Tensor& w_hh_reverse, const std::optional<at::Tensor>& b_ih_reverse,
-    const std::optional<at::Tensor>& b_hh_reverse, const std::optional<at::Tensor>& w_hr_reverse,
-    const std::optional<at::Tensor>& batch_sizes) {
-  LayerForwardResult forward, reverse;
-  const auto forward_direction = [&] {
-    forward = lstm_layer_forward<Backend>(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, false);
-  };
+// kLayer's results (lstm_layer_forward's or lstm_layer_inference's, for Backend) for the forward direction,
+// then for the reverse one.
+template <class Backend, auto kLayer>
+auto both_directions(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+                     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                     const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
+                     const at::Tensor& h0_reverse, const at::Tensor& c0_reverse, const at::Tensor& w_ih_reverse,
+                     const at::Tensor& w_hh_reverse, const std::optional<at::Tensor>& b_ih_reverse,
+                     const std::optional<at::Tensor>& b_hh_reverse, const std::optional<at::Tensor>& w_hr_reverse,
+                     const std::optional<at::Tensor>& batch_sizes) {
+  decltype(kLayer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, false)) forward, reverse;
+  const auto forward_direction = [&] { forward = kLayer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, false); };
   const auto reverse_direction = [&] {
     in_reverse_direction([&] {
-      reverse = lstm_layer_forward<Backend>(x, h0_reverse, c0_reverse, w_ih_reverse, w_hh_reverse, b_ih_reverse,
-                                            b_hh_reverse, w_hr_reverse, batch_sizes, true);
+      reverse = kLayer(x, h0_reverse, c0_reverse, w_ih_reverse, w_hh_reverse, b_ih_reverse, b_hh_reverse,
+                       w_hr_reverse, batch_sizes, true);
     });
   };
   if (Backend::forwards_at_once(w_hh, w_hh_reverse)) {
@@ -218,6 +260,32 @@ BidirectionalForwardResult lstm_bidirectional_layer_forward(
     reverse_direction();
   }
   return std::tuple_cat(std::move(forward), std::move(reverse));
+}
+
+template <class Backend>
+BidirectionalForwardResult lstm_bidirectional_layer_forward(
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_hr, const at::Tensor& h0_reverse, const at::Tensor& c0_reverse,
+    const at::Tensor& w_ih_reverse, const at::Tensor& w_hh_reverse, const std::optional<at::Tensor>& b_ih_reverse,
+    const std::optional<at::Tensor>& b_hh_reverse, const std::optional<at::Tensor>& w_hr_reverse,
+    const std::optional<at::Tensor>& batch_sizes) {
+  return both_directions<Backend, &lstm_layer_forward<Backend>>(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, h0_reverse,
+                                                                c0_reverse, w_ih_reverse, w_hh_reverse, b_ih_reverse,
+                                                                b_hh_reverse, w_hr_reverse, batch_sizes);
+}
+
+template <class Backend>
+BidirectionalInferenceResult lstm_bidirectional_layer_inference(
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_hr, const at::Tensor& h0_reverse, const at::Tensor& c0_reverse,
+    const at::Tensor& w_ih_reverse, const at::Tensor& w_hh_reverse, const std::optional<at::Tensor>& b_ih_reverse,
+    const std::optional<at::Tensor>& b_hh_reverse, const std::optional<at::Tensor>& w_hr_reverse,
+    const std::optional<at::Tensor>& batch_sizes) {
+  return both_directions<Backend, &lstm_layer_inference<Backend>>(
+      x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, h0_reverse, c0_reverse, w_ih_reverse, w_hh_reverse, b_ih_reverse,
+      b_hh_reverse, w_hr_reverse, batch_sizes);
 }
 
 // The gradients of lstm_bidirectional_layer_forward: lstm_layer_backward's arguments and results, first for

@@ -1,10 +1,12 @@
 // The interface between the time loop (layer.h) and a backend (cpu/, cuda/): what one time step reads and
 // writes, and the objects that run steps.
 //
-// A layer call allocates whole-sequence buffers once; a backend's stepper is built on them (where it can
-// take raw pointers, pack weights, and so on, once per call) and then runs the steps, one at a time or in a
-// loop of its own over the whole sequence (run_all). Step t owns rows [offset, offset + rows) of the [N, *]
-// buffers and the leading `rows` rows of the [B, *] state buffers.
+// A layer call allocates its buffers once; a backend's stepper is built on them (where it can take raw
+// pointers, pack weights, and so on, once per call) and then runs the steps, one at a time or in a loop of its
+// own over a schedule (run_all). Step t owns rows [offset, offset + rows) of the [N, *] buffers, rows
+// [window_offset, window_offset + rows) of the forward gates and cells, and the leading `rows` rows of the
+// [B, *] state buffers. A call that keeps what backward needs holds every step's gates and cells
+// (window_offset = offset); an inference call holds those of a window of steps at a time (layer.h).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -21,6 +23,8 @@ struct Step {
   int64_t carried;  // leading rows whose previous state comes from the previously processed step; rows
                     // [carried, rows) start here from h0 / c0 (the first step, or in reverse, sequences
                     // whose last element is at this step)
+  int64_t window_offset;  // first row of this step in ForwardBuffers' gates and cells: offset, or its row
+                          // in the window of steps they hold (an inference call's)
 };
 
 // All contiguous. H = hidden size, Hout = output size (proj_size, or H).
@@ -28,7 +32,8 @@ struct ForwardBuffers {
   at::Tensor w_hh;         // [4H, Hout]
   at::Tensor w_hr;         // [Hout, H], or undefined without projection
   at::Tensor gates;        // [N, 4H]   in: x W_ih^T + b_ih + b_hh; out: activated gates i, f, g, o
-  at::Tensor cells;        // [N, H]    out: c_t
+                           //           (or [window rows, 4H]: by Step::window_offset)
+  at::Tensor cells;        // [N, H]    out: c_t (or [window rows, H])
   at::Tensor output;       // [N, Hout] out: h_t (projected)
   at::Tensor h_state;      // [B, Hout] in: h0; out: h_n
   at::Tensor c_state;      // [B, H]    in: c0; out: c_n
@@ -62,6 +67,15 @@ class ForwardStepper {
       run(step);
     }
   }
+};
+
+// The input projection of an inference call, one window of steps at a time (layer.h), with whatever it
+// prepares from W_ih (a packed copy) made once per call.
+class InputProjection {
+ public:
+  virtual ~InputProjection() = default;
+  // gates[rows, 4H] = x_rows[rows, I] W_ih^T + b_ih + b_hh; gates contiguous.
+  virtual void operator()(const at::Tensor& x_rows, at::Tensor& gates) = 0;
 };
 
 class BackwardStepper {

@@ -6,6 +6,10 @@ The ops themselves are C++ (csrc/), registered as ``torch.ops.fused_lstm.*`` whe
   backward needs (activated gates and cell states).
 * ``lstm_layer_backward``: its gradients (those its output_mask asks for), with the weight gradients as single
   GEMMs over all steps.
+* ``lstm_layer_inference``: the forward's output, h_n and c_n alone, for calls that need no gradient; keeping
+  nothing for backward, it holds a window of steps' gates at a time (csrc/layer.h).
+* ``lstm_bidirectional_layer_forward``, ``_backward`` and ``_inference``: the same for both directions of a
+  layer, run at once.
 
 Their autograd is C++ (csrc/autograd.cpp). Double backward (``create_graph=True``) recomputes the layer with
 differentiable ATen ops instead (``lstm_layer_recompute_backward``, implemented here): it is rare, and that
@@ -50,8 +54,10 @@ def lstm_layer(
     args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
     if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
         output, h_n, c_n, _, _ = _FunctorchLayer.apply(*args)
-    else:
+    elif _needs_gradient(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
         output, h_n, c_n, _, _ = _forward(*args)
+    else:
+        output, h_n, c_n = _inference(*args)
     return output, h_n, c_n
 
 
@@ -67,8 +73,17 @@ def lstm_bidirectional_layer(
                          f"got {len(forward)} and {len(reverse)} values")  # fmt: skip
     if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
         return directions_one_after_the_other(x, forward, reverse, batch_sizes)
-    results = _bidirectional_forward(x, *forward, *reverse, batch_sizes)
-    return results[0:3], results[5:8]
+    if _needs_gradient(x, *forward, *reverse):
+        results = _bidirectional_forward(x, *forward, *reverse, batch_sizes)
+        return results[0:3], results[5:8]
+    results = _bidirectional_inference(x, *forward, *reverse, batch_sizes)
+    return results[0:3], results[3:6]
+
+
+def _needs_gradient(*tensors: Tensor | None) -> bool:
+    """Whether autograd would record a call on these tensors: then the forward op, which keeps what backward
+    needs; otherwise the inference op."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def directions_one_after_the_other(
@@ -81,7 +96,9 @@ def directions_one_after_the_other(
 
 
 _forward = torch.ops.fused_lstm.lstm_layer_forward.default
+_inference = torch.ops.fused_lstm.lstm_layer_inference.default
 _bidirectional_forward = torch.ops.fused_lstm.lstm_bidirectional_layer_forward.default
+_bidirectional_inference = torch.ops.fused_lstm.lstm_bidirectional_layer_inference.default
 
 
 @torch.library.register_fake("fused_lstm::lstm_layer_forward")
@@ -105,6 +122,17 @@ def _bidirectional_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, h0_r, c
     with _in_reverse_direction():
         reverse = _forward_fake(x, h0_r, c0_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r, w_hr_r, batch_sizes, True)
     return (*forward, *reverse)
+
+
+@torch.library.register_fake("fused_lstm::lstm_layer_inference")
+def _inference_fake(*args):
+    return _forward_fake(*args)[:3]
+
+
+@torch.library.register_fake("fused_lstm::lstm_bidirectional_layer_inference")
+def _bidirectional_inference_fake(*args):
+    results = _bidirectional_forward_fake(*args)
+    return (*results[0:3], *results[5:8])
 
 
 @contextlib.contextmanager

@@ -316,3 +316,34 @@ def test_vmap_over_an_ensemble_matches_each_member():
         torch.testing.assert_close(losses[k], out, atol=1e-12, rtol=0)
         for (name, _), e in zip(member.named_parameters(), torch.autograd.grad(out, list(member.parameters()))):
             torch.testing.assert_close(grads[name][k], e, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_compiled_inference_runs_the_inference_op(bidirectional):
+    """Under no_grad the modules call the inference op (no gates kept for backward): in the compiled graph too."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append({node.target for node in gm.graph.nodes if node.op == "call_function"})
+        return gm.forward
+
+    torch.manual_seed(0)
+    module = fused_lstm.LSTM(4, 5, num_layers=2, bidirectional=bidirectional)
+    x = torch.randn(3, 2, 4)
+    with torch.no_grad():
+        expected = module(x)
+        actual = fused_lstm.compile(module, backend=backend, fullgraph=True)(x)
+    op = "lstm_bidirectional_layer_inference" if bidirectional else "lstm_layer_inference"
+    assert len(graphs) == 1 and getattr(torch.ops.fused_lstm, op).default in graphs[0]
+    torch.testing.assert_close(actual, expected, atol=0, rtol=0)
+
+
+def test_export_of_a_frozen_model_holds_the_inference_op():
+    torch.manual_seed(0)
+    model = fused_lstm.LSTM(3, 4, num_layers=2).requires_grad_(False)
+    exported = torch.export.export(model, (torch.randn(5, 2, 3),))
+    graph_ops = {node.target for node in exported.graph.nodes if node.op == "call_function"}
+    assert torch.ops.fused_lstm.lstm_layer_inference.default in graph_ops
+    assert torch.ops.fused_lstm.lstm_layer_forward.default not in graph_ops
+    x = torch.randn(5, 2, 3)
+    torch.testing.assert_close(exported.module()(x), model(x), atol=0, rtol=0)

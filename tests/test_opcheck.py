@@ -69,3 +69,15 @@ def test_opcheck_bidirectional_backward(bias, proj, packed):
     backward_args = [*grads, x, *without_biases(forward), *without_biases(reverse), batch_sizes, bias, bias,
                      *(results[i] for i in (0, 3, 4, 5, 8, 9)), *masks]  # fmt: skip
     torch.library.opcheck(torch.ops.fused_lstm.lstm_bidirectional_layer_backward.default, backward_args)
+
+
+@pytest.mark.parametrize("bias,proj,packed", list(itertools.product([True, False], repeat=3)))
+def test_opcheck_inference(bias, proj, packed):
+    args = forward_args(bias, proj, packed, requires_grad=False) + [packed]
+    torch.library.opcheck(torch.ops.fused_lstm.lstm_layer_inference.default, args)
+
+
+@pytest.mark.parametrize("bias,proj,packed", [(True, True, True), (False, False, False)])
+def test_opcheck_bidirectional_inference(bias, proj, packed):
+    args = bidirectional_forward_args(bias, proj, packed, requires_grad=False)
+    torch.library.opcheck(torch.ops.fused_lstm.lstm_bidirectional_layer_inference.default, args)

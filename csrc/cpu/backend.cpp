@@ -226,6 +226,14 @@ void for_each_tile(int64_t tiles, const Fn& tile) {
   });
 }
 
+// c[i, :columns] = row[:columns] for i < rows; c with row stride ldc.
+template <typename S>
+void set_rows(int64_t rows, int64_t columns, const S* row, S* c, int64_t ldc) {
+  for (int64_t i = 0; i < rows; ++i) {
+    std::memcpy(c + i * ldc, row, sizeof(S) * columns);
+  }
+}
+
 // C[m, n] = A[m, k] op(B) (+ bias[n] on every row, if given) with blas::row_major_gemm, in tiles fixed by the
 // shape (above). k must be positive (m = 0 makes no tiles). The thread that runs a tile's GEMM first sets it to
 // the bias, which the GEMM adds to (beta 1): no separate pass of ATen ops broadcasting the bias over all of C.
@@ -241,8 +249,8 @@ void tiled_gemm(int64_t m, int64_t n, int64_t k, const S* a, int64_t lda, const 
     const int64_t i0 = index / column_tiles * rows, j0 = index % column_tiles * columns;
     const int64_t tile_rows = std::min(rows, m - i0), tile_columns = std::min(columns, n - j0);
     S* c_tile = c + i0 * ldc + j0;
-    for (int64_t i = 0; bias != nullptr && i < tile_rows; ++i) {
-      std::memcpy(c_tile + i * ldc, bias + j0, sizeof(S) * tile_columns);
+    if (bias != nullptr) {
+      set_rows(tile_rows, tile_columns, bias + j0, c_tile, ldc);
     }
     const S* b_tile = b + (trans_b ? j0 * ldb : j0);
     blas::row_major_gemm<S>(tile_rows, tile_columns, k, a + i0 * lda, lda, b_tile, ldb, bias ? S(1) : S(0), c_tile,
@@ -384,6 +392,16 @@ class StepGemm {
       blas::row_major_gemm<S>(rows, j1 - j0, k_, a, k_, b_ + (b_transposed_ ? j0 * ldb_ : j0), ldb_,
                               accumulate_ ? S(1) : S(0), c + j0, ldc, b_transposed_);
     }
+  }
+
+  // C[rows, :] = A B + bias[n] on every row (a StepGemm that accumulates), in operator()'s tiles past the
+  // small batches: each tile's thread sets its block of C to the bias just before the GEMM adds to it.
+  void with_bias(int64_t rows, const S* a, const S* bias, S* c, int64_t ldc) const {
+    for_each_tile(tiles(), [&](int64_t index) {
+      const int64_t j0 = index * tile_columns_;
+      set_rows(rows, std::min(tile_columns_, n_ - j0), bias + j0, c + j0, ldc);
+      tile(index, rows, a, c, ldc);
+    });
   }
 
   // Whether small batches run our kernel (on panels packed for them); else they go to the BLAS too.
@@ -554,10 +572,10 @@ class BlasForwardStepper final : public ForwardStepper {
 
   void run(const Step& step) override {
     const int64_t H = w_.hidden, Hout = w_.output, rows = step.rows;
-    S* gates = gates_ + step.offset * 4 * H;
+    S* gates = gates_ + step.window_offset * 4 * H;
     S* output = output_ + step.offset * Hout;
     add_recurrent(rows, gates);
-    const ForwardPointers<S> p{H, gates, c_state_, cells_ + step.offset * H, project_ ? unprojected_ : output,
+    const ForwardPointers<S> p{H, gates, c_state_, cells_ + step.window_offset * H, project_ ? unprojected_ : output,
                                project_ ? nullptr : h_state_};
     parallel_rows(p, rows, loop_);
     if (project_) {
@@ -583,16 +601,18 @@ class BlasForwardStepper final : public ForwardStepper {
     all_gates_(rows, h_state_, gates, 4 * H);
   }
 
-  // The whole sequence in one parallel region. Each thread takes a block of hidden units and, at every
-  // step, computes those columns of all four gates' GEMM and runs the cell on them, writing its part of
-  // h_t and c_t; then all wait at a barrier, since the next step reads all of h_t. The threads keep reading
-  // the same slices of the weights, which stay in their cores' caches (at H = 256 a thread's half of W_hh is
-  // 512 KB, within its core's L2), and a step costs one barrier, not a fork-join. Each thread reads h_{t-1}
-  // from the previous step's output rows (or h0's, where a sequence starts) into a buffer of its own:
-  // h_state is being written meanwhile. Without projection every buffer's rows are H wide.
+  // The schedule (the whole sequence, or a window of it) in one parallel region. Each thread takes a block
+  // of hidden units and, at every step, computes those columns of all four gates' GEMM and runs the cell on
+  // them, writing its part of h_t and c_t; then all wait at a barrier, since the next step reads all of h_t.
+  // The threads keep reading the same slices of the weights, which stay in their cores' caches (at H = 256 a
+  // thread's half of W_hh is 512 KB, within its core's L2), and a step costs one barrier, not a fork-join.
+  // Each thread reads h_{t-1} into a buffer of its own (h_state is being written meanwhile): from the
+  // previous step's output rows, or from h_state as the schedule found it (h0, or the state a previous
+  // window left) at its first step and where a sequence starts. Without projection every buffer's rows are H
+  // wide.
   void run_split(const std::vector<Step>& schedule) {
     const int64_t H = w_.hidden, batch = widest_step(schedule);
-    const std::vector<S> h0(h_state_, h_state_ + batch * H);
+    const std::vector<S> state(h_state_, h_state_ + batch * H);
     std::vector<S> h_prev(threads_ * batch * H);  // each thread's, allocated outside the parallel region
 #pragma omp parallel num_threads(threads_)
     {
@@ -600,16 +620,18 @@ class BlasForwardStepper final : public ForwardStepper {
       S* a = h_prev.data() + omp_get_thread_num() * batch * H;
       const Step* before = nullptr;
       for (const Step& step : schedule) {
-        S* gates = gates_ + step.offset * 4 * H;
+        S* gates = gates_ + step.window_offset * 4 * H;
+        const int64_t from_state = before == nullptr ? 0 : step.carried;
         if (before != nullptr) {
           std::copy_n(output_ + before->offset * H, step.carried * H, a);
         }
-        std::copy(h0.begin() + step.carried * H, h0.begin() + step.rows * H, a + step.carried * H);
+        std::copy(state.begin() + from_state * H, state.begin() + step.rows * H, a + from_state * H);
         if (j0 < j1) {
           for (int64_t gate = 0; gate < 4; ++gate) {
             recurrent_[gate].columns(step.rows, j0, j1, a, gates + gate * H, 4 * H);
           }
-          ForwardPointers<S> p{H, gates, c_state_, cells_ + step.offset * H, output_ + step.offset * H, h_state_};
+          ForwardPointers<S> p{H, gates, c_state_, cells_ + step.window_offset * H, output_ + step.offset * H,
+                               h_state_};
           p.col_begin = j0;
           p.col_end = j1;
           loop_(p, 0, step.rows);
@@ -738,6 +760,44 @@ class BlasBackwardStepper final : public BackwardStepper {
   int threads_ = available_threads();
 };
 
+// An inference call's input projection for float and double (layer.h lstm_layer_inference). A call of one
+// window projects it as lstm_layer_forward does (tiled_gemm, to the same values). With more, each window's
+// GEMM is a StepGemm with B = W_ih^T (W_ih as stored, read transposed), prepared once per call as the
+// recurrent weights are: packed by MKL for the first window's rows, which all windows of a dense sequence but
+// its last have. Either way the tiles are fixed by the shape, so results do not depend on the thread count.
+template <typename S>
+class BlasInputProjection final : public InputProjection {
+ public:
+  // w_ih: [4H, I] with I > 0 (the BLAS refuses a leading dimension of 0); b_ih, b_hh: [4H], both or neither.
+  BlasInputProjection(const at::Tensor& w_ih, const std::optional<at::Tensor>& b_ih,
+                      const std::optional<at::Tensor>& b_hh, const std::vector<Window>& windows)
+      : w_ih_(w_ih.contiguous()), bias_(b_ih.has_value() ? b_ih->add(*b_hh).contiguous() : at::Tensor()),
+        one_window_(windows.size() <= 1),
+        gemm_(one_window_ ? nullptr : w_ih_.const_data_ptr<S>(), w_ih_.size(1), w_ih_.size(0), w_ih_.size(1),
+              /*accumulate=*/bias_.defined(), /*prepare_for=*/{Step{0, one_window_ ? 0 : windows.front().rows, 0, 0}},
+              StepRows::kLargeOnly, /*b_transposed=*/true) {}
+
+  void operator()(const at::Tensor& x_rows, at::Tensor& gates) override {
+    const at::Tensor x = x_rows.contiguous();
+    const int64_t rows = x.size(0), n = w_ih_.size(0), k = w_ih_.size(1);
+    const S* bias = pointer_or_null<S>(bias_);
+    if (one_window_) {
+      tiled_gemm<S>(rows, n, k, x.const_data_ptr<S>(), k, w_ih_.const_data_ptr<S>(), k, /*trans_b=*/true, bias,
+                    gates.data_ptr<S>(), n);
+    } else if (bias != nullptr) {
+      gemm_.with_bias(rows, x.const_data_ptr<S>(), bias, gates.data_ptr<S>(), n);
+    } else {
+      gemm_(rows, x.const_data_ptr<S>(), gates.data_ptr<S>(), n);
+    }
+  }
+
+ private:
+  at::Tensor w_ih_;  // [4H, I]
+  at::Tensor bias_;  // [4H]: b_ih + b_hh, or undefined
+  bool one_window_;
+  StepGemm<S> gemm_;  // for more than one window
+};
+
 // The largest GEMM dimension of a layer call's steps, for blas::available.
 int64_t largest_step_dimension(const at::Tensor& w_hh, const at::Tensor& state) {
   return std::max({w_hh.size(0), w_hh.size(1), state.size(0)});
@@ -766,6 +826,47 @@ struct CpuBackend {
         x_rows.scalar_type(), largest,
         [&](auto s) { return tiled_input_gates<decltype(s)>(x_rows, w_ih, b_ih, b_hh); },
         [&] { return aten_input_gates(x_rows, w_ih, b_ih, b_hh); });
+  }
+
+  // The rows of an inference call's windows (layer.h lstm_layer_inference). Windows pay where MKL packs W_ih
+  // once for all of them (float): then at least 256 rows, so that each window's GEMM reads W_ih for many rows,
+  // and 1 MB of gates, which stay in L2 with the weights the steps read. Measured against the forward op (2
+  // threads, float32, no_grad, the two alternating in one process, three runs; /tmp/s17/win.sh): windows of
+  // 1 MB were 1.19-1.27x as fast at T=100, B=32, H=256, 1.08-1.13x at T=100, B=64, H=512, 0.96-1.03x at
+  // T=50, B=128, H=1024 (256 rows, 4 MB); of 0.5 MB 0.86-1.18x, 0.97-1.13x; of 2 MB 1.05-1.08x, 1.07-1.09x.
+  // The gain is mostly the page faults of a fresh [N, 4H] buffer at every call (about 1.5 us each here).
+  // Packing W_ih has page faults of its own (MKL's buffers, fresh at every call): with gates of less than
+  // four windows, one window (the forward op's projection, without the [N, 4H] gates kept), as at T=100,
+  // B=8, H=128, where two windows measured 6% slower than the forward op (1.6 MB of gates). Elsewhere one
+  // window too.
+  static int64_t window_rows(const at::Tensor& x, const LayerDims& dims) {
+    constexpr int64_t kMinWindowRows = 256, kWindowBytes = int64_t{1} << 20, kMinWindows = 4;
+    const int64_t row_bytes = 4 * dims.hidden * static_cast<int64_t>(sizeof(float));
+    const bool windows_pay = x.scalar_type() == at::kFloat && blas::PackedWeight::available() &&
+                             static_cast<double>(dims.rows) * row_bytes >= kMinWindows * kWindowBytes;
+    return windows_pay ? std::max(kMinWindowRows, kWindowBytes / row_bytes) : dims.rows;
+  }
+
+  static std::unique_ptr<InputProjection> make_input_projection(const at::Tensor& w_ih,
+                                                                const std::optional<at::Tensor>& b_ih,
+                                                                const std::optional<at::Tensor>& b_hh,
+                                                                const std::vector<Window>& windows) {
+    const auto aten = [&]() -> std::unique_ptr<InputProjection> {
+      return std::make_unique<AtenInputProjection>(w_ih, b_ih, b_hh);
+    };
+    if (w_ih.size(1) == 0) {  // the BLAS refuses a leading dimension of 0; x W_ih^T is all zeros here
+      return aten();
+    }
+    int64_t largest = std::max(w_ih.size(0), w_ih.size(1));
+    for (const Window& window : windows) {
+      largest = std::max(largest, window.rows);
+    }
+    return with_blas(
+        w_ih.scalar_type(), largest,
+        [&](auto s) -> std::unique_ptr<InputProjection> {
+          return std::make_unique<BlasInputProjection<decltype(s)>>(w_ih, b_ih, b_hh, windows);
+        },
+        aten);
   }
 
   // a [m, k] b [k, n] -> [m, n], with MKL on this thread alone where the GEMM is small (worth_threads) and
@@ -879,6 +980,8 @@ TORCH_LIBRARY_IMPL(fused_lstm, CPU, m) {
   m.impl("lstm_layer_forward", &lstm_layer_forward<CpuBackend>);
   m.impl("lstm_layer_backward", &lstm_layer_backward<CpuBackend>);
   m.impl("lstm_bidirectional_layer_forward", &lstm_bidirectional_layer_forward<CpuBackend>);
+  m.impl("lstm_layer_inference", &lstm_layer_inference<CpuBackend>);
+  m.impl("lstm_bidirectional_layer_inference", &lstm_bidirectional_layer_inference<CpuBackend>);
   m.impl("lstm_bidirectional_layer_backward", &lstm_bidirectional_layer_backward<CpuBackend>);
 }
 

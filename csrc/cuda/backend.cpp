@@ -22,6 +22,15 @@ struct CudaBackend {
     return aten_input_gates(x_rows, w_ih, b_ih, b_hh);
   }
   static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) { return a.mm(b); }
+  // An inference call projects its whole sequence in one GEMM, as a forward call does: the GPU's GEMMs want
+  // the rows (a window only saves memory there).
+  static int64_t window_rows(const at::Tensor&, const LayerDims& dims) { return dims.rows; }
+  static std::unique_ptr<InputProjection> make_input_projection(const at::Tensor& w_ih,
+                                                                const std::optional<at::Tensor>& b_ih,
+                                                                const std::optional<at::Tensor>& b_hh,
+                                                                const std::vector<Window>&) {
+    return std::make_unique<AtenInputProjection>(w_ih, b_ih, b_hh);
+  }
   // One after the other: both are queued on the same stream anyway.
   static bool forwards_at_once(const at::Tensor&, const at::Tensor&) { return false; }
   template <typename First, typename Second>
@@ -60,6 +69,9 @@ TORCH_LIBRARY_IMPL(fused_lstm, CUDA, m) {
          &OnFirstArgumentsDevice<&lstm_bidirectional_layer_forward<CudaBackend>>::call);
   m.impl("lstm_bidirectional_layer_backward",
          &OnFirstArgumentsDevice<&lstm_bidirectional_layer_backward<CudaBackend>>::call);
+  m.impl("lstm_layer_inference", &OnFirstArgumentsDevice<&lstm_layer_inference<CudaBackend>>::call);
+  m.impl("lstm_bidirectional_layer_inference",
+         &OnFirstArgumentsDevice<&lstm_bidirectional_layer_inference<CudaBackend>>::call);
 }
 
 }  // namespace fused_lstm::cuda
