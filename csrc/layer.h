@@ -246,7 +246,9 @@ auto both_directions(const at::Tensor& x, const at::Tensor& h0, const at::Tensor
                      const std::optional<at::Tensor>& b_hh_reverse, const std::optional<at::Tensor>& w_hr_reverse,
                      const std::optional<at::Tensor>& batch_sizes) {
   decltype(kLayer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, false)) forward, reverse;
-  const auto forward_direction = [&] { forward = kLayer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, false); };
+  const auto forward_direction = [&] {
+    forward = kLayer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, false);
+  };
   const auto reverse_direction = [&] {
     in_reverse_direction([&] {
       reverse = kLayer(x, h0_reverse, c0_reverse, w_ih_reverse, w_hh_reverse, b_ih_reverse, b_hh_reverse,
@@ -262,31 +264,12 @@ auto both_directions(const at::Tensor& x, const at::Tensor& h0, const at::Tensor
   return std::tuple_cat(std::move(forward), std::move(reverse));
 }
 
+// The ops' kernels: lstm_bidirectional_layer_forward / _inference<Backend> return lstm_layer_forward's /
+// lstm_layer_inference's results for the forward direction, then for the reverse one.
 template <class Backend>
-BidirectionalForwardResult lstm_bidirectional_layer_forward(
-    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-    const std::optional<at::Tensor>& w_hr, const at::Tensor& h0_reverse, const at::Tensor& c0_reverse,
-    const at::Tensor& w_ih_reverse, const at::Tensor& w_hh_reverse, const std::optional<at::Tensor>& b_ih_reverse,
-    const std::optional<at::Tensor>& b_hh_reverse, const std::optional<at::Tensor>& w_hr_reverse,
-    const std::optional<at::Tensor>& batch_sizes) {
-  return both_directions<Backend, &lstm_layer_forward<Backend>>(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, h0_reverse,
-                                                                c0_reverse, w_ih_reverse, w_hh_reverse, b_ih_reverse,
-                                                                b_hh_reverse, w_hr_reverse, batch_sizes);
-}
-
+constexpr auto lstm_bidirectional_layer_forward = &both_directions<Backend, &lstm_layer_forward<Backend>>;
 template <class Backend>
-BidirectionalInferenceResult lstm_bidirectional_layer_inference(
-    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-    const std::optional<at::Tensor>& w_hr, const at::Tensor& h0_reverse, const at::Tensor& c0_reverse,
-    const at::Tensor& w_ih_reverse, const at::Tensor& w_hh_reverse, const std::optional<at::Tensor>& b_ih_reverse,
-    const std::optional<at::Tensor>& b_hh_reverse, const std::optional<at::Tensor>& w_hr_reverse,
-    const std::optional<at::Tensor>& batch_sizes) {
-  return both_directions<Backend, &lstm_layer_inference<Backend>>(
-      x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, h0_reverse, c0_reverse, w_ih_reverse, w_hh_reverse, b_ih_reverse,
-      b_hh_reverse, w_hr_reverse, batch_sizes);
-}
+constexpr auto lstm_bidirectional_layer_inference = &both_directions<Backend, &lstm_layer_inference<Backend>>;
 
 // The gradients of lstm_bidirectional_layer_forward: lstm_layer_backward's arguments and results, first for
 // the forward direction, then for the reverse one (grad_x too: the caller adds the two).

@@ -979,9 +979,9 @@ TORCH_LIBRARY_FRAGMENT(fused_lstm, m) {
 TORCH_LIBRARY_IMPL(fused_lstm, CPU, m) {
   m.impl("lstm_layer_forward", &lstm_layer_forward<CpuBackend>);
   m.impl("lstm_layer_backward", &lstm_layer_backward<CpuBackend>);
-  m.impl("lstm_bidirectional_layer_forward", &lstm_bidirectional_layer_forward<CpuBackend>);
+  m.impl("lstm_bidirectional_layer_forward", lstm_bidirectional_layer_forward<CpuBackend>);
   m.impl("lstm_layer_inference", &lstm_layer_inference<CpuBackend>);
-  m.impl("lstm_bidirectional_layer_inference", &lstm_bidirectional_layer_inference<CpuBackend>);
+  m.impl("lstm_bidirectional_layer_inference", lstm_bidirectional_layer_inference<CpuBackend>);
   m.impl("lstm_bidirectional_layer_backward", &lstm_bidirectional_layer_backward<CpuBackend>);
 }
 

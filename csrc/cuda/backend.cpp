@@ -66,12 +66,12 @@ TORCH_LIBRARY_IMPL(fused_lstm, CUDA, m) {
   m.impl("lstm_layer_forward", &OnFirstArgumentsDevice<&lstm_layer_forward<CudaBackend>>::call);
   m.impl("lstm_layer_backward", &OnFirstArgumentsDevice<&lstm_layer_backward<CudaBackend>>::call);
   m.impl("lstm_bidirectional_layer_forward",
-         &OnFirstArgumentsDevice<&lstm_bidirectional_layer_forward<CudaBackend>>::call);
+         &OnFirstArgumentsDevice<lstm_bidirectional_layer_forward<CudaBackend>>::call);
   m.impl("lstm_bidirectional_layer_backward",
          &OnFirstArgumentsDevice<&lstm_bidirectional_layer_backward<CudaBackend>>::call);
   m.impl("lstm_layer_inference", &OnFirstArgumentsDevice<&lstm_layer_inference<CudaBackend>>::call);
   m.impl("lstm_bidirectional_layer_inference",
-         &OnFirstArgumentsDevice<&lstm_bidirectional_layer_inference<CudaBackend>>::call);
+         &OnFirstArgumentsDevice<lstm_bidirectional_layer_inference<CudaBackend>>::call);
 }
 
 }  // namespace fused_lstm::cuda
