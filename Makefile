@@ -43,9 +43,10 @@ bench: build
 # detect_leaks=0: CPython and torch keep interned objects and caches alive until exit on purpose, which
 # LeakSanitizer would report as leaks of ours (memory growth is tested in test_reliability.py instead).
 # allocator_may_return_null=1: the fuzz asks for impossible allocations on purpose and expects the op's
-# exception, not ASan's abort. Not part of `make test`: about 5 minutes on 2 cores.
+# exception, not ASan's abort. Not part of `make test`: about 8 minutes on 2 cores with its build.
 SANITIZE_DIR := build-sanitize
-SANITIZE_TESTS ?= tests/test_layer_op.py tests/test_bidirectional_op.py tests/test_op_errors.py tests/test_fuzz.py
+SANITIZE_TESTS ?= tests/test_layer_op.py tests/test_bidirectional_op.py tests/test_inference_op.py tests/test_op_errors.py \
+	tests/test_fuzz.py
 SANITIZE_PRELOAD = $(shell $(CXX) -print-file-name=libasan.so) $(shell $(CXX) -print-file-name=libstdc++.so)
 # python -P: without it `-m` puts the working directory first on sys.path, and the tests would import the
 # normal build in ./fused_lstm instead of the sanitized one (the first command checks which one loads).
