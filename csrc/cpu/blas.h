@@ -5,6 +5,7 @@
 // they are looked up with dlsym; where they are absent, available() is false and callers use ATen instead.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 namespace fused_lstm::cpu::blas {
@@ -70,6 +71,7 @@ class PackedWeight {
 
  private:
   int m_, n_, k_;
+  size_t bytes_;
   float* packed_;
 };
 
