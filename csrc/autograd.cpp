@@ -327,17 +327,23 @@ struct AutogradKernel<Function, Result(Args...)> {
 };
 
 // The Autograd kernel of the inference ops, which keep nothing for backward: a call that autograd would record
-// (grad mode, and an argument that requires grad) is refused, rather than returning outputs without a
-// gradient; any other goes on to the backend's kernel.
+// (grad mode, and an argument that requires grad), or whose arguments carry forward-mode tangents, is refused,
+// rather than returning outputs without a gradient; any other goes on to the backend's kernel.
 void refused_if_recorded(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   const auto arguments = torch::jit::last(*stack, op.schema().arguments().size());
-  const bool recorded = at::GradMode::is_enabled() &&
-                        std::any_of(arguments.begin(), arguments.end(), [](const c10::IValue& value) {
-                          return value.isTensor() && value.toTensor().defined() && value.toTensor().requires_grad();
-                        });
+  const auto any_tensor = [&](const auto& predicate) {
+    return std::any_of(arguments.begin(), arguments.end(), [&](const c10::IValue& value) {
+      return value.isTensor() && value.toTensor().defined() && predicate(value.toTensor());
+    });
+  };
+  const bool recorded =
+      at::GradMode::is_enabled() && any_tensor([](const at::Tensor& t) { return t.requires_grad(); });
   TORCH_CHECK(!recorded, "fused_lstm: ", op.schema().name(),
               " keeps nothing for backward, but an argument requires grad: call the forward op, which does "
               "(fused_lstm.ops.lstm_layer chooses)");
+  const bool has_tangents = any_tensor([](const at::Tensor& t) { return t._fw_grad(/*level=*/0).defined(); });
+  TORCH_CHECK(!has_tangents, "fused_lstm: ", op.schema().name(),
+              " does not carry forward-mode AD tangents, and an argument has one");
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
 }

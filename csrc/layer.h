@@ -96,7 +96,6 @@ using LayerBackwardResult =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 // A bidirectional layer's: the forward direction's, then the reverse direction's.
 using BidirectionalForwardResult = decltype(std::tuple_cat(LayerForwardResult{}, LayerForwardResult{}));
-using BidirectionalInferenceResult = decltype(std::tuple_cat(LayerInferenceResult{}, LayerInferenceResult{}));
 using BidirectionalBackwardResult = decltype(std::tuple_cat(LayerBackwardResult{}, LayerBackwardResult{}));
 
 // x: [T, B, I] (batch_sizes empty) or [N, I] (packed); h0: [B, Hout]; c0: [B, H]; w_ih: [4H, I];
@@ -137,12 +136,12 @@ LayerInferenceResult lstm_layer_inference(
   ForwardBuffers b = state_buffers(dims, x, h0, c0, w_hh, w_hr);
   const auto schedule = make_schedule(dims, batch_sizes, reverse);  // after the output's at::empty, as above
   const std::vector<Window> steps_by_window = windows(schedule, Backend::window_rows(x, dims));
-  int64_t window_rows = 0;
+  int64_t largest_window = 0;
   for (const Window& window : steps_by_window) {
-    window_rows = std::max(window_rows, window.rows);
+    largest_window = std::max(largest_window, window.rows);
   }
-  b.gates = at::empty({window_rows, 4 * dims.hidden}, x.options());
-  b.cells = at::empty({window_rows, dims.hidden}, x.options());
+  b.gates = at::empty({largest_window, 4 * dims.hidden}, x.options());
+  b.cells = at::empty({largest_window, dims.hidden}, x.options());
 
   const at::Tensor x_rows = x.reshape({dims.rows, dims.input});
   const auto project_inputs = Backend::make_input_projection(w_ih, b_ih, b_hh, steps_by_window);

@@ -60,8 +60,8 @@ class ForwardStepper {
   virtual ~ForwardStepper() = default;
   // gates[t] += h_{t-1} W_hh^T; the cell (cell.h); output[t] = h_t (projected); h_state, c_state updated.
   virtual void run(const Step& step) = 0;
-  // Every step of the schedule, in order: one run() each, unless a backend has a loop of its own over
-  // the whole sequence.
+  // Every step of the schedule (the whole sequence, or a window of it), in order: one run() each, unless a
+  // backend has a loop of its own over a schedule.
   virtual void run_all(const std::vector<Step>& schedule) {
     for (const Step& step : schedule) {
       run(step);

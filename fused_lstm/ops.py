@@ -81,8 +81,11 @@ def lstm_bidirectional_layer(
 
 
 def _needs_gradient(*tensors: Tensor | None) -> bool:
-    """Whether autograd would record a call on these tensors: then the forward op, which keeps what backward
-    needs; otherwise the inference op."""
+    """Whether autograd would record a call on these tensors, or forward-mode AD carry tangents through it
+    (whose dual tensors need not require grad, under no_grad too): then the forward op, which keeps what
+    backward needs (and refuses forward-mode AD, as a C++ autograd Function does); otherwise the inference op."""
+    if torch.autograd.forward_ad._current_level >= 0:
+        return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 

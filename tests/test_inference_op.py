@@ -17,10 +17,13 @@ INFERENCE = torch.ops.fused_lstm.lstm_layer_inference.default
 BIDIRECTIONAL_FORWARD = torch.ops.fused_lstm.lstm_bidirectional_layer_forward.default
 BIDIRECTIONAL_INFERENCE = torch.ops.fused_lstm.lstm_bidirectional_layer_inference.default
 
-# On the CPU a float32 call with gates [N, 4H] of 4 MB or more projects its inputs a window of steps at a time:
-# windows of at least 256 rows and 1 MB of gates (CpuBackend::window_rows). At H = 256 a row of gates is 4 KB,
-# so each window is 256 rows, and the 1600 rows here (1240 packed) make several. The other shape is a single
-# window, which runs the forward op's code to the same bits.
+# On the CPU a float32 call with MKL's packed GEMM (cpu_gemm() "mkl-packed") and gates [N, 4H] of at least four
+# windows projects its inputs a window of steps at a time: windows of at least 256 rows and 1 MB of gates
+# (CpuBackend::window_rows). At H = 256 a row of gates is 4 KiB, so each window is 256 rows, and the 1600 rows
+# here (1240 packed) make several. float64 (and everything without MKL's packing) runs one window however
+# large, which runs the forward op's code to the same bits, as does the other shape.
+WINDOWS = torch.ops.fused_lstm.cpu_gemm() == "mkl-packed"
+needs_windows = pytest.mark.skipif(not WINDOWS, reason="windows need MKL's packed GEMM")
 SEVERAL_WINDOWS = dict(steps=100, batch=16, input=24, hidden=256)
 ONE_WINDOW = dict(steps=7, batch=3, input=5, hidden=8)
 
@@ -41,6 +44,10 @@ def layer_args(steps, batch, input, hidden, dtype=torch.float32, bias=True, proj
                randn(4 * hidden, scale=0.1) if bias else None, randn(4 * hidden, scale=0.1) if bias else None,
                randn(out_size, hidden, scale=0.3) if proj else None]  # fmt: skip
     return [x, randn(batch, out_size), randn(batch, hidden), *weights, batch_sizes]
+
+
+def runs_one_window(shape, dtype):
+    return shape == "one window" or dtype != torch.float32 or not WINDOWS
 
 
 def assert_same_results(expected, actual, exact):
@@ -64,7 +71,7 @@ def test_inference_matches_the_forward_op(dtype, bias, proj, packed, reverse, sh
     sizes = SEVERAL_WINDOWS if shape == "several windows" else ONE_WINDOW
     args = layer_args(**sizes, dtype=dtype, bias=bias, proj=min(proj, sizes["hidden"] - 1), packed=packed)
     expected = FORWARD(*args, reverse)[:3]
-    assert_same_results(expected, INFERENCE(*args, reverse), exact=shape == "one window" or dtype == torch.float64)
+    assert_same_results(expected, INFERENCE(*args, reverse), exact=runs_one_window(shape, dtype))
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
@@ -76,6 +83,7 @@ def test_reduced_precision_inference_matches_the_forward_op(dtype, tolerance):
         torch.testing.assert_close(a.float(), e.float(), atol=tolerance, rtol=tolerance)
 
 
+@needs_windows
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("batch,packed", [(1, False), (2, True)])
 @pytest.mark.parametrize("reverse", [False, True])
@@ -83,17 +91,22 @@ def test_small_batches_split_over_threads_across_windows(threads, batch, packed,
     """At B <= 2 and 2 threads the steps of each window run in one parallel region (run_split), which must start
     each window from the state the previous one left, and a sequence that starts mid-window from h0."""
     torch.set_num_threads(threads)
-    args = layer_args(steps=1100, batch=batch, input=4, hidden=256, packed=packed)  # 4.4 MB of gates or more
+    args = layer_args(steps=1100, batch=batch, input=4, hidden=256, packed=packed)  # 4.3 MiB of gates or more
     assert_same_results(FORWARD(*args, reverse)[:3], INFERENCE(*args, reverse), exact=False)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_inference_does_not_depend_on_the_thread_count(threads, restore_threads):
-    args = layer_args(**SEVERAL_WINDOWS, packed=True)
+@pytest.mark.parametrize("packed", [False, True])
+def test_inference_does_not_depend_on_the_thread_count(threads, packed, restore_threads):
+    x, *forward, batch_sizes = layer_args(**SEVERAL_WINDOWS, packed=packed)
+    reverse = [other_values(t, requires_grad=False) for t in forward]
+    calls = [lambda: INFERENCE(x, *forward, batch_sizes, False),
+             lambda: BIDIRECTIONAL_INFERENCE(x, *forward, *reverse, batch_sizes)]  # both directions at once on 2 threads
     torch.set_num_threads(1)
-    expected = INFERENCE(*args, False)
+    expected = [call() for call in calls]
     torch.set_num_threads(threads)
-    assert_same_results(expected, INFERENCE(*args, False), exact=True)
+    for call, results in zip(calls, expected):
+        assert_same_results(results, call(), exact=True)
 
 
 @pytest.mark.parametrize("proj,packed", [(0, False), (96, True)])
@@ -104,7 +117,7 @@ def test_bidirectional_inference_matches_the_forward_op(proj, packed, shape):
     reverse = [other_values(t, requires_grad=False) for t in forward]
     expected = BIDIRECTIONAL_FORWARD(x, *forward, *reverse, batch_sizes)
     actual = BIDIRECTIONAL_INFERENCE(x, *forward, *reverse, batch_sizes)
-    assert_same_results(expected[0:3] + expected[5:8], actual, exact=shape == "one window")
+    assert_same_results(expected[0:3] + expected[5:8], actual, exact=runs_one_window(shape, torch.float32))
 
 
 def test_empty_sequences():
@@ -166,3 +179,18 @@ def test_inference_argument_errors_match_the_forward_op():
             op(*args, False)
         messages.append(str(error.value).splitlines()[0])
     assert messages[0] == messages[1]
+
+
+def test_forward_mode_ad_takes_the_forward_op():
+    """Dual tensors need not require grad, and forward-mode AD runs under no_grad too: lstm_layer must not take
+    the inference op, which would drop the tangents, but the forward op, which refuses them (as a C++ autograd
+    Function does); the inference op refuses them as well."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, *weights, batch_sizes = layer_args(**ONE_WINDOW)
+    with fwAD.dual_level(), torch.no_grad():
+        dual = fwAD.make_dual(x, torch.randn_like(x))
+        with pytest.raises(RuntimeError, match="jvp is not implemented"):
+            lstm_layer(dual, *weights)
+        with pytest.raises(RuntimeError, match="does not carry forward-mode AD tangents"):
+            INFERENCE(dual, *weights, batch_sizes, False)

@@ -258,6 +258,14 @@ void tiled_gemm(int64_t m, int64_t n, int64_t k, const S* a, int64_t lda, const 
   });
 }
 
+// out[N, 4H] = x_rows[N, I] W_ih^T + bias[4H] (if given), in tiled_gemm's tiles; all contiguous, I > 0.
+template <typename S>
+void tiled_projection(const at::Tensor& x_rows, const at::Tensor& w_ih, const S* bias, at::Tensor& out) {
+  const int64_t rows = x_rows.size(0), gates = w_ih.size(0), input = w_ih.size(1);
+  tiled_gemm<S>(rows, gates, input, x_rows.const_data_ptr<S>(), input, w_ih.const_data_ptr<S>(), input,
+                /*trans_b=*/true, bias, out.data_ptr<S>(), gates);
+}
+
 // x_rows: [N, I]; w_ih: [4H, I]; b_ih, b_hh: [4H] -> x W_ih^T + b_ih + b_hh: [N, 4H], in tiles (above).
 template <typename S>
 at::Tensor tiled_input_gates(const at::Tensor& x_rows, const at::Tensor& w_ih, const std::optional<at::Tensor>& b_ih,
@@ -268,14 +276,12 @@ at::Tensor tiled_input_gates(const at::Tensor& x_rows, const at::Tensor& w_ih, c
   }
   const at::Tensor bias = b_ih.has_value() ? b_ih->add(*b_hh).contiguous() : at::Tensor();
   at::Tensor out = at::empty({rows, gates}, x_rows.options());
-  const at::Tensor x = x_rows.contiguous(), w = w_ih.contiguous();
-  tiled_gemm<S>(rows, gates, input, x.const_data_ptr<S>(), input, w.const_data_ptr<S>(), input, /*trans_b=*/true,
-                pointer_or_null<S>(bias), out.data_ptr<S>(), gates);
+  tiled_projection<S>(x_rows.contiguous(), w_ih.contiguous(), pointer_or_null<S>(bias), out);
   return out;
 }
 
 // One of a layer call's per-step GEMMs, C[rows, n] = A[rows, k] B[k, n] (+ C if accumulate), with B a weight
-// block that is the same at every step. Chooses per step among:
+// block that is the same at every step (or, for an inference call's input projection, at every window). Chooses per step among:
 //  * up to kMaxSmallRows rows: our own kernel on B packed into panels once per call (kernels.h SmallGemm),
 //    since a BLAS call costs microseconds there (from 3 rows on, the tiled BLAS GEMM measured faster);
 //  * float with the same rows at every step, from kMinRowsToPack: MKL's packed weights, packed once per call
@@ -397,6 +403,7 @@ class StepGemm {
   // C[rows, :] = A B + bias[n] on every row (a StepGemm that accumulates), in operator()'s tiles past the
   // small batches: each tile's thread sets its block of C to the bias just before the GEMM adds to it.
   void with_bias(int64_t rows, const S* a, const S* bias, S* c, int64_t ldc) const {
+    TORCH_INTERNAL_ASSERT(accumulate_, "fused_lstm: StepGemm::with_bias on a GEMM that does not accumulate");
     for_each_tile(tiles(), [&](int64_t index) {
       const int64_t j0 = index * tile_columns_;
       set_rows(rows, std::min(tile_columns_, n_ - j0), bias + j0, c + j0, ldc);
@@ -761,10 +768,12 @@ class BlasBackwardStepper final : public BackwardStepper {
 };
 
 // An inference call's input projection for float and double (layer.h lstm_layer_inference). A call of one
-// window projects it as lstm_layer_forward does (tiled_gemm, to the same values). With more, each window's
-// GEMM is a StepGemm with B = W_ih^T (W_ih as stored, read transposed), prepared once per call as the
-// recurrent weights are: packed by MKL for the first window's rows, which all windows of a dense sequence but
-// its last have. Either way the tiles are fixed by the shape, so results do not depend on the thread count.
+// window (every double one: CpuBackend::window_rows) projects it as lstm_layer_forward does
+// (tiled_projection, to the same values). With more, each window's GEMM is a StepGemm with B = W_ih^T (W_ih as
+// stored, read transposed), prepared once per call as the recurrent weights are: packed by MKL for the first
+// window's rows, which all windows of a dense sequence but its last have (a packed sequence's windows mostly
+// differ in rows, and run MKL's GEMM on W_ih as stored). Either way the tiles are fixed by the shape, so
+// results do not depend on the thread count.
 template <typename S>
 class BlasInputProjection final : public InputProjection {
  public:
@@ -779,11 +788,10 @@ class BlasInputProjection final : public InputProjection {
 
   void operator()(const at::Tensor& x_rows, at::Tensor& gates) override {
     const at::Tensor x = x_rows.contiguous();
-    const int64_t rows = x.size(0), n = w_ih_.size(0), k = w_ih_.size(1);
+    const int64_t rows = x.size(0), n = w_ih_.size(0);
     const S* bias = pointer_or_null<S>(bias_);
     if (one_window_) {
-      tiled_gemm<S>(rows, n, k, x.const_data_ptr<S>(), k, w_ih_.const_data_ptr<S>(), k, /*trans_b=*/true, bias,
-                    gates.data_ptr<S>(), n);
+      tiled_projection<S>(x, w_ih_, bias, gates);
     } else if (bias != nullptr) {
       gemm_.with_bias(rows, x.const_data_ptr<S>(), bias, gates.data_ptr<S>(), n);
     } else {
@@ -841,10 +849,10 @@ struct CpuBackend {
   // window too.
   static int64_t window_rows(const at::Tensor& x, const LayerDims& dims) {
     constexpr int64_t kMinWindowRows = 256, kWindowBytes = int64_t{1} << 20, kMinWindows = 4;
-    const int64_t row_bytes = 4 * dims.hidden * static_cast<int64_t>(sizeof(float));
+    const int64_t rows = std::max(kMinWindowRows, kWindowBytes / (4 * dims.hidden * int64_t{sizeof(float)}));
     const bool windows_pay = x.scalar_type() == at::kFloat && blas::PackedWeight::available() &&
-                             static_cast<double>(dims.rows) * row_bytes >= kMinWindows * kWindowBytes;
-    return windows_pay ? std::max(kMinWindowRows, kWindowBytes / row_bytes) : dims.rows;
+                             dims.rows / kMinWindows >= rows;
+    return windows_pay ? rows : dims.rows;
   }
 
   static std::unique_ptr<InputProjection> make_input_projection(const at::Tensor& w_ih,
@@ -858,8 +866,8 @@ struct CpuBackend {
       return aten();
     }
     int64_t largest = std::max(w_ih.size(0), w_ih.size(1));
-    for (const Window& window : windows) {
-      largest = std::max(largest, window.rows);
+    for (const Window& window : windows) {  // one window's GEMMs are tiled_projection's
+      largest = std::max(largest, windows.size() == 1 ? row_tile(window.rows) : window.rows);
     }
     return with_blas(
         w_ih.scalar_type(), largest,

@@ -153,7 +153,7 @@ PackedWeight::PackedWeight(int64_t m, int64_t n, int64_t k, const float* b, int6
   const PackApi& api = pack_api();
   bytes_ = api.get_size(kBMatrix, m_, n_, k_);
   packed_ = spare_buffers.take(bytes_);
-  TORCH_CHECK(packed_ != nullptr, "fused_lstm: out of memory packing the recurrent weights");
+  TORCH_CHECK(packed_ != nullptr, "fused_lstm: out of memory packing a weight for MKL");
   api.pack(kRowMajor, kBMatrix, b_transposed ? kTrans : kNoTrans, m_, n_, k_, 1.0f, b, static_cast<int>(ldb), packed_);
 }
 
