@@ -49,7 +49,7 @@ class AtenInputProjection final : public InputProjection {
   // w_ih: [4H, I]; b_ih, b_hh: [4H], both or neither.
   AtenInputProjection(const at::Tensor& w_ih, const std::optional<at::Tensor>& b_ih,
                       const std::optional<at::Tensor>& b_hh)
-      : w_ih_t_(w_ih.t()), bias_(b_ih.has_value() ? b_ih->add(*b_hh) : at::Tensor()) {}
+      : w_ih_t_(w_ih.t()), bias_(combined_bias(b_ih, b_hh)) {}
 
   void operator()(const at::Tensor& x_rows, at::Tensor& gates) override {
     if (bias_.defined()) {

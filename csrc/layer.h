@@ -87,7 +87,7 @@ at::Tensor unprojected_hidden(const at::Tensor& gates, const at::Tensor& cells);
 // -> x W_ih^T + b_ih + b_hh: [N, 4H]. A backend's input_gates may call it, or compute the same otherwise.
 inline at::Tensor aten_input_gates(const at::Tensor& x_rows, const at::Tensor& w_ih,
                                    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
-  return b_ih.has_value() ? b_ih->add(*b_hh).addmm(x_rows, w_ih.t()) : x_rows.mm(w_ih.t());
+  return b_ih.has_value() ? combined_bias(b_ih, b_hh).addmm(x_rows, w_ih.t()) : x_rows.mm(w_ih.t());
 }
 
 using LayerForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;

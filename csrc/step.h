@@ -12,6 +12,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 namespace fused_lstm {
@@ -68,6 +69,11 @@ class ForwardStepper {
     }
   }
 };
+
+// b_ih + b_hh [4H], contiguous, or an undefined tensor without biases (both or neither).
+inline at::Tensor combined_bias(const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+  return b_ih.has_value() ? b_ih->add(*b_hh) : at::Tensor();
+}
 
 // The input projection of an inference call, one window of steps at a time (layer.h), with whatever it
 // prepares from W_ih (a packed copy) made once per call.

@@ -274,14 +274,15 @@ at::Tensor tiled_input_gates(const at::Tensor& x_rows, const at::Tensor& w_ih, c
   if (rows == 0 || input == 0) {  // the BLAS refuses a leading dimension of 0; x W_ih^T is all zeros here
     return aten_input_gates(x_rows, w_ih, b_ih, b_hh);
   }
-  const at::Tensor bias = b_ih.has_value() ? b_ih->add(*b_hh).contiguous() : at::Tensor();
+  const at::Tensor bias = combined_bias(b_ih, b_hh);
   at::Tensor out = at::empty({rows, gates}, x_rows.options());
   tiled_projection<S>(x_rows.contiguous(), w_ih.contiguous(), pointer_or_null<S>(bias), out);
   return out;
 }
 
 // One of a layer call's per-step GEMMs, C[rows, n] = A[rows, k] B[k, n] (+ C if accumulate), with B a weight
-// block that is the same at every step (or, for an inference call's input projection, at every window). Chooses per step among:
+// block that is the same at every step (or, for an inference call's input projection, at every window).
+// Chooses per step among:
 //  * up to kMaxSmallRows rows: our own kernel on B packed into panels once per call (kernels.h SmallGemm),
 //    since a BLAS call costs microseconds there (from 3 rows on, the tiled BLAS GEMM measured faster);
 //  * float with the same rows at every step, from kMinRowsToPack: MKL's packed weights, packed once per call
@@ -780,7 +781,7 @@ class BlasInputProjection final : public InputProjection {
   // w_ih: [4H, I] with I > 0 (the BLAS refuses a leading dimension of 0); b_ih, b_hh: [4H], both or neither.
   BlasInputProjection(const at::Tensor& w_ih, const std::optional<at::Tensor>& b_ih,
                       const std::optional<at::Tensor>& b_hh, const std::vector<Window>& windows)
-      : w_ih_(w_ih.contiguous()), bias_(b_ih.has_value() ? b_ih->add(*b_hh).contiguous() : at::Tensor()),
+      : w_ih_(w_ih.contiguous()), bias_(combined_bias(b_ih, b_hh)),
         one_window_(windows.size() <= 1),
         gemm_(one_window_ ? nullptr : w_ih_.const_data_ptr<S>(), w_ih_.size(1), w_ih_.size(0), w_ih_.size(1),
               /*accumulate=*/bias_.defined(), /*prepare_for=*/{Step{0, one_window_ ? 0 : windows.front().rows, 0, 0}},

@@ -53,8 +53,9 @@ bool transpose(int64_t rows, int64_t cols, const T* src, T* dst);
 
 // MKL's packed-GEMM API (cblas_sgemm_pack / cblas_sgemm_compute), float only: op(B) is packed once into
 // the layout MKL's kernels read, then multiplied many times (W_ih at every window of an inference call, too).
-// The recurrent weights meet the same GEMM at every step of a dense sequence, where this was measured 1.3x (B=32, H=256) to 1.5x (B=64, H=512) faster than
-// sgemm, with identical results. The packing depends on m, so a PackedWeight serves only GEMMs of its m.
+// The recurrent weights meet the same GEMM at every step of a dense sequence, where this was measured 1.3x
+// (B=32, H=256) to 1.5x (B=64, H=512) faster than sgemm, with identical results. The packing depends on m, so
+// a PackedWeight serves only GEMMs of its m.
 class PackedWeight {
  public:
   static bool available();
