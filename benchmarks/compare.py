@@ -27,8 +27,8 @@ seconds; the figure is the median over repetitions of the per-call time (time.pe
 on CUDA). The number of repetitions adapts to --budget (seconds per shape and mode) between --min-reps and
 --max-reps, unless --reps fixes it. Other busy processes skew everything (with 2 cores, oneDNN's threads then
 stall for ~100 ms at a time): the header prints the load average, and a warning goes to stderr if it is high.
-Peak memory (training only) is measured on one extra step per candidate: on CUDA, torch.cuda.max_memory_allocated
-above what was allocated before the step; on the CPU, the running peak of the bytes allocated through c10's CPU
+Peak memory is measured on one extra call per candidate (the forward alone in inference, forward and backward in
+training): on CUDA, torch.cuda.max_memory_allocated above what was allocated before the call; on the CPU, the running peak of the bytes allocated through c10's CPU
 allocator as recorded by torch.profiler(profile_memory=True) (memory that a library allocates on its own, outside
 that allocator, is not seen).
 Speedup = nn.LSTM time / fused time. "out diff" is the max abs difference of output, h_n and c_n between fused and
@@ -294,10 +294,9 @@ def measure(case: Case, mode: str, device: torch.device, args) -> Result:
 
     cands = candidates(case, mode, device, ref, fused, x)
     result.times, result.reps = time_interleaved(cands, device, args)
-    if mode == "training":
-        for name, (fn, ctx, _) in cands.items():
-            if name != "gemm":
-                result.peak_bytes[name] = peak_step_memory(fn, ctx, fused if name == "fused_lstm" else ref, x, device)
+    for name, (fn, ctx, _) in cands.items():
+        if name != "gemm":
+            result.peak_bytes[name] = peak_step_memory(fn, ctx, fused if name == "fused_lstm" else ref, x, device)
     return result
 
 
@@ -332,7 +331,7 @@ def table_rows(results: list[Result], device: torch.device) -> tuple[list[str], 
     rows = []
     for r in results:
         t = r.times
-        mb = lambda name: "-" if r.mode != "training" else human_bytes(r.peak_bytes[name])
+        mb = lambda name: human_bytes(r.peak_bytes[name])
         rows.append([
             r.case.name, r.mode, str(r.reps),
             f"{t['fused_lstm'] * 1e3:.3f}", f"{t[default] * 1e3:.3f}", f"{t[fallback] * 1e3:.3f}",
@@ -367,7 +366,7 @@ def print_table(info: dict[str, str], results: list[Result], device: torch.devic
 
 def write_json(path: str, info: dict[str, str], results: list[Result], command: str) -> None:
     """Every figure: times (median seconds per call), speedup (nn.LSTM / fused), gemm_fraction (gemm / candidate),
-    peak_bytes (training: peak above the bytes allocated before the step; null where not measurable)."""
+    peak_bytes (peak above the bytes allocated before the call; null where not measurable)."""
     rows = []
     for r in results:
         t = r.times
