@@ -123,7 +123,8 @@ def layer_call(dtype, steps, batch, inp, hidden, proj, packed, seed=0):
 
 
 # Shapes that reach each CPU path: the small-batch kernel (<= 2 rows), the split over hidden units, the tiled
-# BLAS past 2 rows, MKL's packed weights (float, 16+ rows), projection, packed sequences, and GEMMs whose k is
+# BLAS past 2 rows (with 2 threads, in one parallel region with barriers where every step has 3 rows or more),
+# MKL's packed weights (float, 16+ rows), projection, packed sequences, and GEMMs whose k is
 # large against m and n (where MKL's own threading splits the sum over k: these failed before tiles, measured).
 DETERMINISM_SHAPES = [  # steps, batch, input, hidden, proj
     (5, 3, 4, 8, 0), (5, 4, 8, 64, 0), (4, 8, 16, 256, 0), (4, 12, 8, 1024, 0), (4, 20, 8, 64, 0),
