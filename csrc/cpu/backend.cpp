@@ -545,20 +545,20 @@ std::pair<int64_t, int64_t> this_threads_units(int64_t hidden) {
   return {std::min(hidden, t * blocks / threads * kAlign), std::min(hidden, (t + 1) * blocks / threads * kAlign)};
 }
 
-// Steps past the small batches in one parallel region, with barriers in place of a fork-join for each step's
-// GEMM and another for its cell (the steppers' run_with_barriers): where more than one thread runs the call,
-// without projection (whose per-step GEMM and copy run()'s alone handle), and where every step has more rows
-// than the small kernel takes (those run on one thread, in run()). Measured on the inference op at 2 threads,
+// A schedule in one parallel region, with barriers in place of a fork-join for each step's GEMM and another
+// for its cell (the steppers' run_with_barriers): where more than one thread runs the call, without
+// projection (whose per-step GEMM and copy run()'s alone handle), and where some step has more rows than the
+// small kernel takes (the steps that have no more, a packed sequence's last ones, run on one thread). Measured on the inference op at 2 threads,
 // float32, alternating with the fork-joins in one process (medians of 8-10 rounds), at T = 100: 1.17-1.23x as
 // fast at B = 8, H = 128; 1.16x at B = 16, H = 128; 1.15x and 1.26x at B = 8 and 16, H = 64; 1.10x at B = 3,
 // H = 128; 1.04-1.06x at B = 32..64, H = 64..128; 1.01-1.03x at B = 4..64, H = 256..512, where a step's GEMM
 // outweighs a fork-join. Modules against nn.LSTM at T = 100, B = 8, H = 128, alternating processes: inference
-// 1.06-1.12x before, 1.35x after; training 1.12-1.20x before, 1.26x after.
+// 1.06-1.12x before, 1.35x after; training 1.12-1.20x before, 1.26x after. Packed, lengths 100 down to 10,
+// B = 8, H = 128 (two runs each, ms): inference 2.28 and 2.05 before, 1.77 and 1.91 after; training 8.1 and
+// 7.0 before, 6.8 and 6.3 after.
 template <typename S>
 bool steps_with_barriers(const std::vector<Step>& schedule, bool project, int threads) {
-  const bool past_small = std::all_of(schedule.begin(), schedule.end(),
-                                      [](const Step& s) { return s.rows > StepGemm<S>::kMaxSmallRows; });
-  return threads > 1 && !project && past_small;
+  return threads > 1 && !project && widest_step(schedule) > StepGemm<S>::kMaxSmallRows;
 }
 
 // Inside a parallel region: the calling thread's share [begin, end) of a step's rows.
@@ -644,15 +644,23 @@ class BlasForwardStepper final : public ForwardStepper {
     all_gates_(rows, h_state_, gates, 4 * H);
   }
 
-  // The schedule (steps_with_barriers) in one parallel region: at every step, the threads share all_gates_'s
-  // column tiles and then the cell's rows, with a barrier after each, where run() forks and joins twice. The
-  // GEMM tiles and the cell are run()'s, so the results are the same.
+  // The schedule (steps_with_barriers) in one parallel region: at every step past the small batches, the
+  // threads share all_gates_'s column tiles and then the cell's rows, with a barrier after each, where run()
+  // forks and joins twice; a smaller step is run() on one thread. The GEMM tiles and the cell are run()'s, so
+  // the results are the same.
   void run_with_barriers(const std::vector<Step>& schedule) {
     const int64_t H = w_.hidden;
 #pragma omp parallel num_threads(threads_)
     {
       const blas::SingleThreaded single;
       for (const Step& step : schedule) {
+        if (step.rows <= StepGemm<S>::kMaxSmallRows) {
+          if (omp_get_thread_num() == 0) {
+            run(step);
+          }
+#pragma omp barrier
+          continue;
+        }
         S* gates = gates_ + step.window_offset * 4 * H;
         this_threads_tiles(all_gates_, step.rows, h_state_, gates, 4 * H);
 #pragma omp barrier
@@ -785,14 +793,22 @@ class BlasBackwardStepper final : public BackwardStepper {
   }
 
   // The whole sequence (steps_with_barriers) in one parallel region, as the forward stepper's
-  // run_with_barriers: at every step, each thread adds grad_output to its rows' dL/dh_t and runs the cell
-  // backward on them; after a barrier, the threads share recurrent_'s column tiles, then wait at another.
+  // run_with_barriers: at every step past the small batches, each thread adds grad_output to its rows' dL/dh_t
+  // and runs the cell backward on them; after a barrier, the threads share recurrent_'s column tiles, then wait
+  // at another. A smaller step is run() on one thread.
   void run_with_barriers(const std::vector<Step>& schedule) {
     const int64_t H = w_.hidden;
 #pragma omp parallel num_threads(threads_)
     {
       const blas::SingleThreaded single;
       for (auto step = schedule.rbegin(); step != schedule.rend(); ++step) {
+        if (step->rows <= StepGemm<S>::kMaxSmallRows) {
+          if (omp_get_thread_num() == 0) {
+            run(*step);
+          }
+#pragma omp barrier
+          continue;
+        }
         S* d_gates = d_gates_ + step->offset * 4 * H;
         const auto [row_begin, row_end] = this_threads_rows(step->rows);
         add_grad_output(*step, row_begin, row_end, 0, H);
