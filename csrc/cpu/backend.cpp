@@ -545,20 +545,24 @@ std::pair<int64_t, int64_t> this_threads_units(int64_t hidden) {
   return {std::min(hidden, t * blocks / threads * kAlign), std::min(hidden, (t + 1) * blocks / threads * kAlign)};
 }
 
-// A schedule in one parallel region, with barriers in place of a fork-join for each step's GEMM and another
-// for its cell (the steppers' run_with_barriers): where more than one thread runs the call, without
-// projection (whose per-step GEMM and copy run()'s alone handle), and where some step has more rows than the
-// small kernel takes (the steps that have no more, a packed sequence's last ones, run on one thread). Measured on the inference op at 2 threads,
-// float32, alternating with the fork-joins in one process (medians of 8-10 rounds), at T = 100: 1.17-1.23x as
-// fast at B = 8, H = 128; 1.16x at B = 16, H = 128; 1.15x and 1.26x at B = 8 and 16, H = 64; 1.10x at B = 3,
-// H = 128; 1.04-1.06x at B = 32..64, H = 64..128; 1.01-1.03x at B = 4..64, H = 256..512, where a step's GEMM
-// outweighs a fork-join. Modules against nn.LSTM at T = 100, B = 8, H = 128, alternating processes: inference
-// 1.06-1.12x before, 1.35x after; training 1.12-1.20x before, 1.26x after. Packed, lengths 100 down to 10,
-// B = 8, H = 128 (two runs each, ms): inference 2.28 and 2.05 before, 1.77 and 1.91 after; training 8.1 and
-// 7.0 before, 6.8 and 6.3 after.
+// A schedule in one parallel region, with barriers in place of a fork-join for each step's GEMM and another for its
+// cell (the steppers' run_with_barriers): where more than one thread runs the call, without projection (whose per-
+// step GEMM and copy run()'s alone handle), where some step has more rows than the small kernel takes (the steps
+// that have no more, a packed sequence's last ones, run on one thread), and where the per-step GEMM (all_steps) has
+// more than one column tile: with one, run() forks for neither the GEMM nor a small cell, and barriers only add
+// (measured without this condition, modules at T = 50, B = 4, H = 16: 1.8-2.1x as long in inference, 1.2-1.5x in
+// training; at T = 100, B = 8, H = 64, where backward's d_gates W_hh is one tile, training 1.1-1.2x as long though
+// its forward gained). Measured on the inference op at 2 threads, float32, alternating with the fork-joins in one
+// process (medians of 8-10 rounds), at T = 100: 1.17-1.23x as fast at B = 8, H = 128; 1.16x at B = 16, H = 128;
+// 1.15x and 1.26x at B = 8 and 16, H = 64; 1.10x at B = 3, H = 128; 1.04-1.06x at B = 32..64, H = 64..128;
+// 1.01-1.03x at B = 4..64, H = 256..512, where a step's GEMM outweighs a fork-join. Modules against nn.LSTM at T =
+// 100, B = 8, H = 128, alternating processes: inference 1.06-1.12x before, 1.35x after; training 1.12-1.20x before,
+// 1.26x after. Packed, lengths 100 down to 10, B = 8, H = 128 (two runs each, ms): inference 2.28 and 2.05 before,
+// 1.77 and 1.91 after; training 8.1 and 7.0 before, 6.8 and 6.3 after.
 template <typename S>
-bool steps_with_barriers(const std::vector<Step>& schedule, bool project, int threads) {
-  return threads > 1 && !project && widest_step(schedule) > StepGemm<S>::kMaxSmallRows;
+bool steps_with_barriers(const std::vector<Step>& schedule, bool project, int threads,
+                         const StepGemm<S>& all_steps) {
+  return threads > 1 && !project && widest_step(schedule) > StepGemm<S>::kMaxSmallRows && all_steps.tiles() > 1;
 }
 
 // Inside a parallel region: the calling thread's share [begin, end) of a step's rows.
@@ -606,7 +610,7 @@ class BlasForwardStepper final : public ForwardStepper {
       run_split(schedule);
       return;
     }
-    if (steps_with_barriers<S>(schedule, project_, threads_)) {
+    if (steps_with_barriers(schedule, project_, threads_, all_gates_)) {
       run_with_barriers(schedule);
       return;
     }
@@ -755,7 +759,7 @@ class BlasBackwardStepper final : public BackwardStepper {
       run_split(schedule);
       return;
     }
-    if (steps_with_barriers<S>(schedule, project_, threads_)) {
+    if (steps_with_barriers(schedule, project_, threads_, recurrent_)) {
       run_with_barriers(schedule);
       return;
     }
