@@ -169,7 +169,7 @@ def test_wide_layers_match_nn_lstm(dtype, batch, hidden, packed, steps):
     """Sizes that take each CPU path. With 64 steps the weights are prepared (csrc/cpu/backend.cpp
     steps_to_prepare): the path where threads split the hidden units (up to 2 rows and from 2^16 multiply-adds
     a step), the small-batch kernel, the tiled BLAS past 2 rows (MKL's packed weights at 20 rows; with more
-    than one thread, dense sequences in one parallel region with barriers: steps_with_barriers); hidden
+    than one thread and two column tiles, in parallel regions with barriers: steps_with_barriers); hidden
     sizes that are not a multiple of the small-batch kernel's panel width. With 6 steps they are not: every
     step goes to the BLAS, reading W_hh as stored."""
     torch.manual_seed(0)

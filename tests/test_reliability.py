@@ -102,29 +102,31 @@ def test_nan_propagates_in_every_cpu_build(capability):
 # Determinism
 
 
-def layer_call(dtype, steps, batch, inp, hidden, proj, packed, seed=0):
-    """lstm_layer on seeded inputs: returns outputs and the gradients of every input, for fixed cotangents."""
+def layer_call(dtype, steps, batch, inp, hidden, proj, packed, seed=0, lengths=None, reverse=False):
+    """lstm_layer on seeded inputs: returns outputs and the gradients of every input, for fixed cotangents. A packed
+    call has the given lengths, or random ones."""
     g = torch.Generator().manual_seed(seed)
     rand = lambda *s: (torch.randn(*s, generator=g, dtype=torch.float64) * 0.3).to(dtype).requires_grad_()  # noqa: E731
     out = proj or hidden
     batch_sizes = None
-    if packed:
+    if packed and lengths is None:
         lengths = sorted(torch.randint(1, steps + 1, (batch,), generator=g).tolist(), reverse=True)
         lengths[0] = steps
+    if packed:
         batch_sizes = torch.tensor([sum(n > t for n in lengths) for t in range(steps)])
         x = rand(int(batch_sizes.sum()), inp)
     else:
         x = rand(steps, batch, inp)
     leaves = [x, rand(batch, out), rand(batch, hidden), rand(4 * hidden, inp), rand(4 * hidden, out), rand(4 * hidden),
               rand(4 * hidden)] + ([rand(proj, hidden)] if proj else [])  # fmt: skip
-    results = lstm_layer(*leaves[:7], w_hr=leaves[7] if proj else None, batch_sizes=batch_sizes)
+    results = lstm_layer(*leaves[:7], w_hr=leaves[7] if proj else None, batch_sizes=batch_sizes, reverse=reverse)
     loss = sum((t * torch.randn(t.shape, generator=g, dtype=torch.float64).to(dtype)).sum() for t in results)
     return [t.detach() for t in results], list(torch.autograd.grad(loss, leaves))
 
 
 # Shapes that reach each CPU path: the small-batch kernel (<= 2 rows), the split over hidden units, the tiled
-# BLAS past 2 rows (with 2 threads, in one parallel region with barriers where every step has 3 rows or more),
-# MKL's packed weights (float, 16+ rows), projection, packed sequences, and GEMMs whose k is
+# BLAS past 2 rows (with 2 threads and two column tiles or more, in parallel regions with barriers: the next
+# test mixes them with small steps), MKL's packed weights (float, 16+ rows), projection, packed sequences, and GEMMs whose k is
 # large against m and n (where MKL's own threading splits the sum over k: these failed before tiles, measured).
 DETERMINISM_SHAPES = [  # steps, batch, input, hidden, proj
     (5, 3, 4, 8, 0), (5, 4, 8, 64, 0), (4, 8, 16, 256, 0), (4, 12, 8, 1024, 0), (4, 20, 8, 64, 0),
@@ -154,6 +156,23 @@ def test_bitwise_identical_across_runs_and_thread_counts(dtype, shape, packed, r
     (out_2, grads_2), (out_2b, grads_2b) = runs[2]
     for name, a, b in [("output", out_2, out_2b), ("gradient", grads_2, grads_2b), ("1 vs 2 threads", out_1, out_2),
                        ("h0, c0 gradients, 1 vs 2 threads", grads_1[1:3], grads_2[1:3])]:  # fmt: skip
+        for i, (u, v) in enumerate(zip(a, b, strict=True)):
+            assert torch.equal(u, v), f"{name} {i} differs (max {(u - v).abs().max().item():.3g})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_wide_steps_with_barriers_and_a_narrow_tail_match_one_thread(dtype, reverse, restore_threads):
+    """A packed sequence whose first steps have 3-6 rows (with 2 threads: parallel regions with barriers, forward and
+    backward, at H = 128: two column tiles each) and whose 30 last have 1-2 (one thread, the small-batch kernel on
+    prepared panels, in alternating sweeps), in both directions: the same bits as one thread running every step."""
+    lengths = [40, 38, 10, 9, 8, 3]
+    runs = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        runs[threads] = layer_call(dtype, 40, 6, 8, 128, 0, packed=True, lengths=lengths, reverse=reverse)
+    (out_1, grads_1), (out_2, grads_2) = runs[1], runs[2]
+    for name, a, b in [("output", out_1, out_2), ("h0, c0 gradient", grads_1[1:3], grads_2[1:3])]:
         for i, (u, v) in enumerate(zip(a, b, strict=True)):
             assert torch.equal(u, v), f"{name} {i} differs (max {(u - v).abs().max().item():.3g})"
 

@@ -524,7 +524,7 @@ int64_t widest_step(const std::vector<Step>& schedule) {
 // for every thread and this much work at its widest step. Less stays on one thread, where a step costs no
 // barrier (measured on 2 threads, T = 50 forward: H = 64 and 96 at B = 1 ran 104 against 143 us and 226
 // against 287 split; B = 2 at H = 64 was even; H = 128 gained 4%). All or nothing: a packed sequence with
-// wider steps runs every step on the per-step path, its narrow tail included.
+// wider steps runs its narrow tail on one thread (steps_with_barriers, or run() alone).
 template <typename S>
 bool splits_over_threads(const std::vector<Step>& schedule, bool project, bool has_panels, const Widths& w,
                          int threads) {
@@ -545,24 +545,41 @@ std::pair<int64_t, int64_t> this_threads_units(int64_t hidden) {
   return {std::min(hidden, t * blocks / threads * kAlign), std::min(hidden, (t + 1) * blocks / threads * kAlign)};
 }
 
-// A schedule in one parallel region, with barriers in place of a fork-join for each step's GEMM and another for its
-// cell (the steppers' run_with_barriers): where more than one thread runs the call, without projection (whose per-
-// step GEMM and copy run()'s alone handle), where some step has more rows than the small kernel takes (the steps
-// that have no more, a packed sequence's last ones, run on one thread), and where the per-step GEMM (all_steps) has
-// more than one column tile: with one, run() forks for neither the GEMM nor a small cell, and barriers only add
-// (measured without this condition, modules at T = 50, B = 4, H = 16: 1.8-2.1x as long in inference, 1.2-1.5x in
-// training; at T = 100, B = 8, H = 64, where backward's d_gates W_hh is one tile, training 1.1-1.2x as long though
-// its forward gained). Measured on the inference op at 2 threads, float32, alternating with the fork-joins in one
-// process (medians of 8-10 rounds), at T = 100: 1.17-1.23x as fast at B = 8, H = 128; 1.16x at B = 16, H = 128;
-// 1.15x and 1.26x at B = 8 and 16, H = 64; 1.10x at B = 3, H = 128; 1.04-1.06x at B = 32..64, H = 64..128;
-// 1.01-1.03x at B = 4..64, H = 256..512, where a step's GEMM outweighs a fork-join. Modules against nn.LSTM at T =
-// 100, B = 8, H = 128, alternating processes: inference 1.06-1.12x before, 1.35x after; training 1.12-1.20x before,
-// 1.26x after. Packed, lengths 100 down to 10, B = 8, H = 128 (two runs each, ms): inference 2.28 and 2.05 before,
-// 1.77 and 1.91 after; training 8.1 and 7.0 before, 6.8 and 6.3 after.
+// Steps past the small batches in parallel regions, with barriers in place of the two fork-joins run() makes for a
+// step's GEMM and for its cell (the steppers' run_with_barriers): where more than one thread runs the call and some
+// step is wider than the small kernel's rows, without projection (whose per-step GEMM and copy only run() handles),
+// and where the per-step GEMM has two column tiles or more: with one, run() forks for neither the GEMM nor a small
+// cell, and barriers would only add.
+//
+// Measured on the inference op at 2 threads, float32, against the fork-joins, alternating in one process (medians
+// of 8-10 rounds), at T = 100: 1.17-1.23x as fast at B = 8, H = 128; 1.16x at B = 16, H = 128; 1.15x and 1.26x at B
+// = 8 and 16, H = 64; 1.10x at B = 3, H = 128; 1.04-1.06x at B = 32..64, H = 64..128; 1.01-1.03x at B = 4..64, H =
+// 256..512, where a step's GEMM outweighs a fork-join. Modules against nn.LSTM at T = 100, B = 8, H = 128,
+// alternating processes: inference 1.06-1.12x before, 1.35x after; training 1.12-1.20x before, 1.26x after. Packed,
+// lengths 100 down to 10, B = 8, H = 128 (two runs each, ms): inference 2.28 and 2.05 before, 1.77 and 1.91 after;
+// training 8.1 and 7.0 before, 6.8 and 6.3 after. Without the tile condition, modules at T = 50, B = 4, H = 16 took
+// 1.8-2.1x as long in inference and 1.2-1.5x in training; at T = 100, B = 8, H = 64, where backward's d_gates W_hh
+// is one tile, training took 1.1-1.2x as long though its forward gained.
 template <typename S>
-bool steps_with_barriers(const std::vector<Step>& schedule, bool project, int threads,
-                         const StepGemm<S>& all_steps) {
-  return threads > 1 && !project && widest_step(schedule) > StepGemm<S>::kMaxSmallRows && all_steps.tiles() > 1;
+bool steps_with_barriers(const std::vector<Step>& schedule, bool project, int threads, const StepGemm<S>& step_gemm) {
+  return threads > 1 && !project && widest_step(schedule) > StepGemm<S>::kMaxSmallRows && step_gemm.tiles() > 1;
+}
+
+// Runs the steps [first, last) (in processing order) as wide(begin, end) over each run of consecutive steps wider
+// than the small kernel's rows, and as small(step) over the others, one at a time. A packed sequence's rows only
+// shrink along it (or grow, in reverse), so its small steps make one run, at one end.
+template <typename S, typename Steps, typename Wide, typename Small>
+void by_width(Steps first, Steps last, const Wide& wide, const Small& small) {
+  const auto is_small = [](const Step& step) { return step.rows <= StepGemm<S>::kMaxSmallRows; };
+  while (first != last) {
+    if (is_small(*first)) {
+      small(*first++);
+      continue;
+    }
+    const Steps end = std::find_if(first, last, is_small);
+    wide(first, end);
+    first = end;
+  }
 }
 
 // Inside a parallel region: the calling thread's share [begin, end) of a step's rows.
@@ -648,33 +665,29 @@ class BlasForwardStepper final : public ForwardStepper {
     all_gates_(rows, h_state_, gates, 4 * H);
   }
 
-  // The schedule (steps_with_barriers) in one parallel region: at every step past the small batches, the
-  // threads share all_gates_'s column tiles and then the cell's rows, with a barrier after each, where run()
-  // forks and joins twice; a smaller step is run() on one thread. The GEMM tiles and the cell are run()'s, so
-  // the results are the same.
+  // The schedule (steps_with_barriers): each run of steps past the small batches in one parallel region where,
+  // at every step, the threads share all_gates_'s column tiles and then the cell's rows, with a barrier after
+  // each; the other steps run() on this thread. The GEMM tiles and the cell are run()'s, so the results are
+  // the same.
   void run_with_barriers(const std::vector<Step>& schedule) {
-    const int64_t H = w_.hidden;
+    const auto wide = [&](auto first, auto last) {
+      const int64_t H = w_.hidden;
 #pragma omp parallel num_threads(threads_)
-    {
-      const blas::SingleThreaded single;
-      for (const Step& step : schedule) {
-        if (step.rows <= StepGemm<S>::kMaxSmallRows) {
-          if (omp_get_thread_num() == 0) {
-            run(step);
-          }
+      {
+        const blas::SingleThreaded single;
+        for (auto step = first; step != last; ++step) {
+          S* gates = gates_ + step->window_offset * 4 * H;
+          this_threads_tiles(all_gates_, step->rows, h_state_, gates, 4 * H);
 #pragma omp barrier
-          continue;
+          const ForwardPointers<S> p{H, gates, c_state_, cells_ + step->window_offset * H,
+                                     output_ + step->offset * H, h_state_};
+          const auto [row_begin, row_end] = this_threads_rows(step->rows);
+          loop_(p, row_begin, row_end);
+#pragma omp barrier
         }
-        S* gates = gates_ + step.window_offset * 4 * H;
-        this_threads_tiles(all_gates_, step.rows, h_state_, gates, 4 * H);
-#pragma omp barrier
-        const ForwardPointers<S> p{H, gates, c_state_, cells_ + step.window_offset * H, output_ + step.offset * H,
-                                   h_state_};
-        const auto [row_begin, row_end] = this_threads_rows(step.rows);
-        loop_(p, row_begin, row_end);
-#pragma omp barrier
       }
-    }
+    };
+    by_width<S>(schedule.begin(), schedule.end(), wide, [&](const Step& step) { run(step); });
   }
 
   // The schedule (the whole sequence, or a window of it) in one parallel region. Each thread takes a block
@@ -796,34 +809,30 @@ class BlasBackwardStepper final : public BackwardStepper {
     }
   }
 
-  // The whole sequence (steps_with_barriers) in one parallel region, as the forward stepper's
-  // run_with_barriers: at every step past the small batches, each thread adds grad_output to its rows' dL/dh_t
-  // and runs the cell backward on them; after a barrier, the threads share recurrent_'s column tiles, then wait
-  // at another. A smaller step is run() on one thread.
+  // The whole sequence (steps_with_barriers), from its last step to its first, as the forward stepper's
+  // run_with_barriers: in each run of steps past the small batches, at every step each thread adds grad_output
+  // to its rows' dL/dh_t and runs the cell backward on them; after a barrier, the threads share recurrent_'s
+  // column tiles, then wait at another.
   void run_with_barriers(const std::vector<Step>& schedule) {
-    const int64_t H = w_.hidden;
+    const auto wide = [&](auto first, auto last) {
+      const int64_t H = w_.hidden;
 #pragma omp parallel num_threads(threads_)
-    {
-      const blas::SingleThreaded single;
-      for (auto step = schedule.rbegin(); step != schedule.rend(); ++step) {
-        if (step->rows <= StepGemm<S>::kMaxSmallRows) {
-          if (omp_get_thread_num() == 0) {
-            run(*step);
-          }
+      {
+        const blas::SingleThreaded single;
+        for (auto step = first; step != last; ++step) {
+          S* d_gates = d_gates_ + step->offset * 4 * H;
+          const auto [row_begin, row_end] = this_threads_rows(step->rows);
+          add_grad_output(*step, row_begin, row_end, 0, H);
+          const BackwardPointers<S> p{H, gates_ + step->offset * 4 * H, cells_ + step->offset * H,
+                                      c_prev_ + step->offset * H, d_h_state_, d_c_state_, d_gates};
+          loop_(p, row_begin, row_end);
 #pragma omp barrier
-          continue;
+          this_threads_tiles(recurrent_, step->rows, d_gates, d_h_state_, H);
+#pragma omp barrier
         }
-        S* d_gates = d_gates_ + step->offset * 4 * H;
-        const auto [row_begin, row_end] = this_threads_rows(step->rows);
-        add_grad_output(*step, row_begin, row_end, 0, H);
-        const BackwardPointers<S> p{H, gates_ + step->offset * 4 * H, cells_ + step->offset * H,
-                                    c_prev_ + step->offset * H, d_h_state_, d_c_state_, d_gates};
-        loop_(p, row_begin, row_end);
-#pragma omp barrier
-        this_threads_tiles(recurrent_, step->rows, d_gates, d_h_state_, H);
-#pragma omp barrier
       }
-    }
+    };
+    by_width<S>(schedule.rbegin(), schedule.rend(), wide, [&](const Step& step) { run(step); });
   }
 
   // The whole sequence in one parallel region, as the forward stepper's run_split: each thread takes a block
