@@ -565,11 +565,13 @@ bool steps_with_barriers(const std::vector<Step>& schedule, bool project, int th
   return threads > 1 && !project && widest_step(schedule) > StepGemm<S>::kMaxSmallRows && step_gemm.tiles() > 1;
 }
 
-// Runs the steps [first, last) (in processing order) as wide(begin, end) over each run of consecutive steps wider
-// than the small kernel's rows, and as small(step) over the others, one at a time. A packed sequence's rows only
-// shrink along it (or grow, in reverse), so its small steps make one run, at one end.
+// Runs the steps [first, last), in processing order: each run of consecutive steps wider than the small kernel's
+// rows in one parallel region of `threads` threads, the BLAS single-threaded in each, where every thread calls
+// wide(step) for each step in turn (which shares its work out, with barriers); the other steps as small(step), on
+// this thread. A packed sequence's rows only shrink along it (or grow, in reverse), so its small steps make one
+// run, at one end.
 template <typename S, typename Steps, typename Wide, typename Small>
-void by_width(Steps first, Steps last, const Wide& wide, const Small& small) {
+void in_regions_by_width(Steps first, Steps last, int threads, const Wide& wide, const Small& small) {
   const auto is_small = [](const Step& step) { return step.rows <= StepGemm<S>::kMaxSmallRows; };
   while (first != last) {
     if (is_small(*first)) {
@@ -577,7 +579,13 @@ void by_width(Steps first, Steps last, const Wide& wide, const Small& small) {
       continue;
     }
     const Steps end = std::find_if(first, last, is_small);
-    wide(first, end);
+#pragma omp parallel num_threads(threads)
+    {
+      const blas::SingleThreaded single;
+      for (Steps step = first; step != end; ++step) {
+        wide(*step);
+      }
+    }
     first = end;
   }
 }
@@ -670,24 +678,18 @@ class BlasForwardStepper final : public ForwardStepper {
   // each; the other steps run() on this thread. The GEMM tiles and the cell are run()'s, so the results are
   // the same.
   void run_with_barriers(const std::vector<Step>& schedule) {
-    const auto wide = [&](auto first, auto last) {
-      const int64_t H = w_.hidden;
-#pragma omp parallel num_threads(threads_)
-      {
-        const blas::SingleThreaded single;
-        for (auto step = first; step != last; ++step) {
-          S* gates = gates_ + step->window_offset * 4 * H;
-          this_threads_tiles(all_gates_, step->rows, h_state_, gates, 4 * H);
+    const int64_t H = w_.hidden;
+    const auto wide = [&](const Step& step) {
+      S* gates = gates_ + step.window_offset * 4 * H;
+      this_threads_tiles(all_gates_, step.rows, h_state_, gates, 4 * H);
 #pragma omp barrier
-          const ForwardPointers<S> p{H, gates, c_state_, cells_ + step->window_offset * H,
-                                     output_ + step->offset * H, h_state_};
-          const auto [row_begin, row_end] = this_threads_rows(step->rows);
-          loop_(p, row_begin, row_end);
+      const ForwardPointers<S> p{H, gates, c_state_, cells_ + step.window_offset * H, output_ + step.offset * H,
+                                 h_state_};
+      const auto [row_begin, row_end] = this_threads_rows(step.rows);
+      loop_(p, row_begin, row_end);
 #pragma omp barrier
-        }
-      }
     };
-    by_width<S>(schedule.begin(), schedule.end(), wide, [&](const Step& step) { run(step); });
+    in_regions_by_width<S>(schedule.begin(), schedule.end(), threads_, wide, [&](const Step& step) { run(step); });
   }
 
   // The schedule (the whole sequence, or a window of it) in one parallel region. Each thread takes a block
@@ -814,25 +816,19 @@ class BlasBackwardStepper final : public BackwardStepper {
   // to its rows' dL/dh_t and runs the cell backward on them; after a barrier, the threads share recurrent_'s
   // column tiles, then wait at another.
   void run_with_barriers(const std::vector<Step>& schedule) {
-    const auto wide = [&](auto first, auto last) {
-      const int64_t H = w_.hidden;
-#pragma omp parallel num_threads(threads_)
-      {
-        const blas::SingleThreaded single;
-        for (auto step = first; step != last; ++step) {
-          S* d_gates = d_gates_ + step->offset * 4 * H;
-          const auto [row_begin, row_end] = this_threads_rows(step->rows);
-          add_grad_output(*step, row_begin, row_end, 0, H);
-          const BackwardPointers<S> p{H, gates_ + step->offset * 4 * H, cells_ + step->offset * H,
-                                      c_prev_ + step->offset * H, d_h_state_, d_c_state_, d_gates};
-          loop_(p, row_begin, row_end);
+    const int64_t H = w_.hidden;
+    const auto wide = [&](const Step& step) {
+      S* d_gates = d_gates_ + step.offset * 4 * H;
+      const auto [row_begin, row_end] = this_threads_rows(step.rows);
+      add_grad_output(step, row_begin, row_end, 0, H);
+      const BackwardPointers<S> p{H, gates_ + step.offset * 4 * H, cells_ + step.offset * H, c_prev_ + step.offset * H,
+                                  d_h_state_, d_c_state_, d_gates};
+      loop_(p, row_begin, row_end);
 #pragma omp barrier
-          this_threads_tiles(recurrent_, step->rows, d_gates, d_h_state_, H);
+      this_threads_tiles(recurrent_, step.rows, d_gates, d_h_state_, H);
 #pragma omp barrier
-        }
-      }
     };
-    by_width<S>(schedule.rbegin(), schedule.rend(), wide, [&](const Step& step) { run(step); });
+    in_regions_by_width<S>(schedule.rbegin(), schedule.rend(), threads_, wide, [&](const Step& step) { run(step); });
   }
 
   // The whole sequence in one parallel region, as the forward stepper's run_split: each thread takes a block
