@@ -552,14 +552,14 @@ std::pair<int64_t, int64_t> this_threads_units(int64_t hidden) {
 // cell, and barriers would only add.
 //
 // Measured on the inference op at 2 threads, float32, against the fork-joins, alternating in one process (medians
-// of 8-10 rounds), at T = 100: 1.17-1.23x as fast at B = 8, H = 128; 1.16x at B = 16, H = 128; 1.15x and 1.26x at B
-// = 8 and 16, H = 64; 1.10x at B = 3, H = 128; 1.04-1.06x at B = 32..64, H = 64..128; 1.01-1.03x at B = 4..64, H =
-// 256..512, where a step's GEMM outweighs a fork-join. Modules against nn.LSTM at T = 100, B = 8, H = 128,
-// alternating processes: inference 1.06-1.12x before, 1.35x after; training 1.12-1.20x before, 1.26x after. Packed,
-// lengths 100 down to 10, B = 8, H = 128 (two runs each, ms): inference 2.28 and 2.05 before, 1.77 and 1.91 after;
-// training 8.1 and 7.0 before, 6.8 and 6.3 after. Without the tile condition, modules at T = 50, B = 4, H = 16 took
-// 1.8-2.1x as long in inference and 1.2-1.5x in training; at T = 100, B = 8, H = 64, where backward's d_gates W_hh
-// is one tile, training took 1.1-1.2x as long though its forward gained.
+// of 8-10 rounds), at T = 100: 1.17-1.23x as fast at B = 8, H = 128; 1.16x at B = 16, H = 128; 1.15x and 1.26x at
+// B = 8 and 16, H = 64; 1.10x at B = 3, H = 128; 1.04-1.06x at B = 32..64, H = 64..128; 1.01-1.03x at B = 4..64,
+// H = 256..512, where a step's GEMM outweighs a fork-join. Modules against nn.LSTM at T = 100, B = 8, H = 128, in
+// alternating processes (eight pairs): inference 1.05-1.15x before, 1.21-1.35x after; training 1.12-1.22x before,
+// 1.21-1.30x after. Packed, lengths 100 down to 10, B = 8, H = 128 (four pairs): inference 2.05-2.60 ms before,
+// 1.77-2.18 ms after; training 7.0-8.5 ms before, 5.9-6.8 ms after. Without the tile condition, modules at T = 50,
+// B = 4, H = 16 took 1.8-2.1x as long in inference and 1.2-1.5x in training; at T = 100, B = 8, H = 64, where
+// backward's d_gates W_hh is one tile, training took 1.1-1.2x as long though its forward gained.
 template <typename S>
 bool steps_with_barriers(const std::vector<Step>& schedule, bool project, int threads, const StepGemm<S>& step_gemm) {
   return threads > 1 && !project && widest_step(schedule) > StepGemm<S>::kMaxSmallRows && step_gemm.tiles() > 1;
