@@ -28,9 +28,9 @@ on CUDA). The number of repetitions adapts to --budget (seconds per shape and mo
 --max-reps, unless --reps fixes it. Other busy processes skew everything (with 2 cores, oneDNN's threads then
 stall for ~100 ms at a time): the header prints the load average, and a warning goes to stderr if it is high.
 Peak memory is measured on one extra call per candidate (the forward alone in inference, forward and backward in
-training): on CUDA, torch.cuda.max_memory_allocated above what was allocated before the call; on the CPU, the running peak of the bytes allocated through c10's CPU
-allocator as recorded by torch.profiler(profile_memory=True) (memory that a library allocates on its own, outside
-that allocator, is not seen).
+training): on CUDA, torch.cuda.max_memory_allocated above what was allocated before the call; on the CPU, the
+running peak of the bytes allocated through c10's CPU allocator as recorded by torch.profiler(profile_memory=True)
+(memory that a library allocates on its own, outside that allocator, is not seen).
 Speedup = nn.LSTM time / fused time. "out diff" is the max abs difference of output, h_n and c_n between fused and
 default nn.LSTM; "grad diff" that of the gradients of the input and of every parameter.
 """

@@ -88,7 +88,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if shutil.which("perf") is None:
         raise SystemExit("profile_rows.py: needs Linux perf (e.g. apt install linux-perf)")
-    cases = compare.parse_shapes(args.shapes, args.layers, args.bidirectional) if args.shapes else compare.default_suite()
+    if args.shapes:
+        cases = compare.parse_shapes(args.shapes, args.layers, args.bidirectional)
+    else:
+        cases = compare.default_suite()
     device = torch.device("cpu")
     names = [name for name, _ in CATEGORIES] + [OTHER]
     print(f"{args.candidate}, {torch.get_num_threads()} threads; shares of all threads' samples, in percent\n")

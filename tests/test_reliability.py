@@ -126,8 +126,9 @@ def layer_call(dtype, steps, batch, inp, hidden, proj, packed, seed=0, lengths=N
 
 # Shapes that reach each CPU path: the small-batch kernel (<= 2 rows), the split over hidden units, the tiled
 # BLAS past 2 rows (with 2 threads and two column tiles or more, in parallel regions with barriers: the next
-# test mixes them with small steps), MKL's packed weights (float, 16+ rows), projection, packed sequences, and GEMMs whose k is
-# large against m and n (where MKL's own threading splits the sum over k: these failed before tiles, measured).
+# test mixes them with small steps), MKL's packed weights (float, 16+ rows), projection, packed sequences, and
+# GEMMs whose k is large against m and n (where MKL's own threading splits the sum over k: these failed before
+# tiles, measured).
 DETERMINISM_SHAPES = [  # steps, batch, input, hidden, proj
     (5, 3, 4, 8, 0), (5, 4, 8, 64, 0), (4, 8, 16, 256, 0), (4, 12, 8, 1024, 0), (4, 20, 8, 64, 0),
     (3, 8, 2000, 64, 0), (5, 16, 2000, 64, 32), (7, 3, 300, 40, 0), (4, 32, 64, 256, 128),
@@ -154,8 +155,13 @@ def test_bitwise_identical_across_runs_and_thread_counts(dtype, shape, packed, r
         runs.setdefault(threads, []).append(layer_call(dtype, *shape, packed=packed))
     (out_1, grads_1), = runs[1]
     (out_2, grads_2), (out_2b, grads_2b) = runs[2]
-    for name, a, b in [("output", out_2, out_2b), ("gradient", grads_2, grads_2b), ("1 vs 2 threads", out_1, out_2),
-                       ("h0, c0 gradients, 1 vs 2 threads", grads_1[1:3], grads_2[1:3])]:  # fmt: skip
+    assert_same_bits([("output", out_2, out_2b), ("gradient", grads_2, grads_2b), ("1 vs 2 threads", out_1, out_2),
+                      ("h0, c0 gradients, 1 vs 2 threads", grads_1[1:3], grads_2[1:3])])  # fmt: skip
+
+
+def assert_same_bits(comparisons):
+    """comparisons: (name, tensors, tensors) each; every pair of tensors the same bits."""
+    for name, a, b in comparisons:
         for i, (u, v) in enumerate(zip(a, b, strict=True)):
             assert torch.equal(u, v), f"{name} {i} differs (max {(u - v).abs().max().item():.3g})"
 
@@ -172,9 +178,7 @@ def test_wide_steps_with_barriers_and_a_narrow_tail_match_one_thread(dtype, reve
         torch.set_num_threads(threads)
         runs[threads] = layer_call(dtype, 40, 6, 8, 128, 0, packed=True, lengths=lengths, reverse=reverse)
     (out_1, grads_1), (out_2, grads_2) = runs[1], runs[2]
-    for name, a, b in [("output", out_1, out_2), ("h0, c0 gradient", grads_1[1:3], grads_2[1:3])]:
-        for i, (u, v) in enumerate(zip(a, b, strict=True)):
-            assert torch.equal(u, v), f"{name} {i} differs (max {(u - v).abs().max().item():.3g})"
+    assert_same_bits([("output", out_1, out_2), ("h0, c0 gradient", grads_1[1:3], grads_2[1:3])])
 
 
 def test_no_atomics_in_the_sources():

@@ -643,20 +643,30 @@ class BlasForwardStepper final : public ForwardStepper {
   }
 
   void run(const Step& step) override {
-    const int64_t H = w_.hidden, Hout = w_.output, rows = step.rows;
-    S* gates = gates_ + step.window_offset * 4 * H;
-    S* output = output_ + step.offset * Hout;
-    add_recurrent(rows, gates);
-    const ForwardPointers<S> p{H, gates, c_state_, cells_ + step.window_offset * H, project_ ? unprojected_ : output,
-                               project_ ? nullptr : h_state_};
+    const int64_t Hout = w_.output, rows = step.rows;
+    const ForwardPointers<S> p = cell(step);
+    add_recurrent(rows, p.gates);
     parallel_rows(p, rows, loop_);
     if (project_) {
+      S* output = output_ + step.offset * Hout;
       projection_(rows, unprojected_, output, Hout);
       std::memcpy(h_state_, output, sizeof(S) * rows * Hout);
     }
   }
 
  private:
+  // The cell's arrays at a step: its gates and cells, the state, and where h_t goes (the projection's scratch,
+  // or the output and h_state).
+  ForwardPointers<S> cell(const Step& step) const {
+    const int64_t H = w_.hidden;
+    return {H,
+            gates_ + step.window_offset * 4 * H,
+            c_state_,
+            cells_ + step.window_offset * H,
+            project_ ? unprojected_ : output_ + step.offset * H,
+            project_ ? nullptr : h_state_};
+  }
+
   // gates[rows, 4H] += h_{t-1} W_hh^T. Past the smallest batches, one tiled BLAS GEMM over all four gates
   // (measured: 1.3x the per-gate small kernel split over threads at B=8, H=128, and 1.15x per-gate tiles at
   // B=32, H=256).
@@ -680,11 +690,9 @@ class BlasForwardStepper final : public ForwardStepper {
   void run_with_barriers(const std::vector<Step>& schedule) {
     const int64_t H = w_.hidden;
     const auto wide = [&](const Step& step) {
-      S* gates = gates_ + step.window_offset * 4 * H;
-      this_threads_tiles(all_gates_, step.rows, h_state_, gates, 4 * H);
+      const ForwardPointers<S> p = cell(step);
+      this_threads_tiles(all_gates_, step.rows, h_state_, p.gates, 4 * H);
 #pragma omp barrier
-      const ForwardPointers<S> p{H, gates, c_state_, cells_ + step.window_offset * H, output_ + step.offset * H,
-                                 h_state_};
       const auto [row_begin, row_end] = this_threads_rows(step.rows);
       loop_(p, row_begin, row_end);
 #pragma omp barrier
@@ -711,7 +719,7 @@ class BlasForwardStepper final : public ForwardStepper {
       S* a = h_prev.data() + omp_get_thread_num() * batch * H;
       const Step* before = nullptr;
       for (const Step& step : schedule) {
-        S* gates = gates_ + step.window_offset * 4 * H;
+        ForwardPointers<S> p = cell(step);
         const int64_t from_state = before == nullptr ? 0 : step.carried;
         if (before != nullptr) {
           std::copy_n(output_ + before->offset * H, step.carried * H, a);
@@ -719,10 +727,8 @@ class BlasForwardStepper final : public ForwardStepper {
         std::copy(state.begin() + from_state * H, state.begin() + step.rows * H, a + from_state * H);
         if (j0 < j1) {
           for (int64_t gate = 0; gate < 4; ++gate) {
-            recurrent_[gate].columns(step.rows, j0, j1, a, gates + gate * H, 4 * H);
+            recurrent_[gate].columns(step.rows, j0, j1, a, p.gates + gate * H, 4 * H);
           }
-          ForwardPointers<S> p{H, gates, c_state_, cells_ + step.window_offset * H, output_ + step.offset * H,
-                               h_state_};
           p.col_begin = j0;
           p.col_end = j1;
           loop_(p, 0, step.rows);
@@ -790,15 +796,20 @@ class BlasBackwardStepper final : public BackwardStepper {
       projection_(rows, d_h_state_, d_unprojected_, H);
       d_hidden = d_unprojected_;
     }
-    S* d_gates = d_gates_ + step.offset * 4 * H;
-    const BackwardPointers<S> p{H, gates_ + step.offset * 4 * H, cells_ + step.offset * H, c_prev_ + step.offset * H,
-                                d_hidden, d_c_state_, d_gates};
+    const BackwardPointers<S> p = cell(step, d_hidden);
     parallel_rows(p, rows, loop_);
     const bool last_first = rows <= StepGemm<S>::kMaxSmallRows && sweep_.next();
-    recurrent_(rows, d_gates, d_h_state_, Hout, last_first);
+    recurrent_(rows, p.d_gates, d_h_state_, Hout, last_first);
   }
 
  private:
+  // The cell backward's arrays at a step, reading dL/dh_t from d_hidden.
+  BackwardPointers<S> cell(const Step& step, const S* d_hidden) const {
+    const int64_t H = w_.hidden;
+    return {H,        gates_ + step.offset * 4 * H, cells_ + step.offset * H, c_prev_ + step.offset * H,
+            d_hidden, d_c_state_,                   d_gates_ + step.offset * 4 * H};
+  }
+
   // d_h_state[r0 : r1, j0 : j1] += grad_output[t][r0 : r1, j0 : j1]: dL/dh_t, from the output at t and from
   // step t + 1.
   void add_grad_output(const Step& step, int64_t r0, int64_t r1, int64_t j0, int64_t j1) {
@@ -818,14 +829,12 @@ class BlasBackwardStepper final : public BackwardStepper {
   void run_with_barriers(const std::vector<Step>& schedule) {
     const int64_t H = w_.hidden;
     const auto wide = [&](const Step& step) {
-      S* d_gates = d_gates_ + step.offset * 4 * H;
       const auto [row_begin, row_end] = this_threads_rows(step.rows);
       add_grad_output(step, row_begin, row_end, 0, H);
-      const BackwardPointers<S> p{H, gates_ + step.offset * 4 * H, cells_ + step.offset * H, c_prev_ + step.offset * H,
-                                  d_h_state_, d_c_state_, d_gates};
+      const BackwardPointers<S> p = cell(step, d_h_state_);
       loop_(p, row_begin, row_end);
 #pragma omp barrier
-      this_threads_tiles(recurrent_, step.rows, d_gates, d_h_state_, H);
+      this_threads_tiles(recurrent_, step.rows, p.d_gates, d_h_state_, H);
 #pragma omp barrier
     };
     in_regions_by_width<S>(schedule.rbegin(), schedule.rend(), threads_, wide, [&](const Step& step) { run(step); });
@@ -842,16 +851,14 @@ class BlasBackwardStepper final : public BackwardStepper {
     {
       const auto [j0, j1] = this_threads_units<S>(H);
       for (auto step = schedule.rbegin(); step != schedule.rend(); ++step) {
-        S* d_gates = d_gates_ + step->offset * 4 * H;
         add_grad_output(*step, 0, step->rows, j0, j1);
-        BackwardPointers<S> p{H, gates_ + step->offset * 4 * H, cells_ + step->offset * H,
-                              c_prev_ + step->offset * H, d_h_state_, d_c_state_, d_gates};
+        BackwardPointers<S> p = cell(*step, d_h_state_);
         p.col_begin = j0;
         p.col_end = j1;
         loop_(p, 0, step->rows);
 #pragma omp barrier
         if (j0 < j1) {
-          recurrent_.columns(step->rows, j0, j1, d_gates, d_h_state_, H);
+          recurrent_.columns(step->rows, j0, j1, p.d_gates, d_h_state_, H);
         }
       }
     }

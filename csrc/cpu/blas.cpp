@@ -97,10 +97,6 @@ const PackApi& pack_api() {
   return api;
 }
 
-}  // namespace
-
-namespace {
-
 // MKL's packed buffers, kept for the next call on the thread that freed them. Fresh memory costs a page
 // fault for every 4 KB the packing writes (about 1.5 us each here), at every call: a buffer is reserved per
 // column tile, and the allocator gives such large blocks back to the system when they are freed.
