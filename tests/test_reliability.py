@@ -341,10 +341,17 @@ def test_edge_sizes_match_nn_lstm(case, dtype):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_long_sequence_float32_as_accurate_as_nn_lstm(threads, restore_threads):
     """Over 2,000 steps, fused_lstm's float32 results (outputs, and the gradients of the input, the states and
-    each parameter) are as accurate as nn.LSTM's in the worst case: measured from the float64 truth (nn.LSTM in
-    float64 on the same weights, inputs and cotangents) relative to each result's scale, each is within 1e-6 (a
-    tenth of the parity tolerance), and the worst is no worse than nn.LSTM's worst. On 1 thread, where MKL sums
-    each weight gradient's 3,500 rows in one chain, and on 2."""
+    each parameter) are as accurate as nn.LSTM's on the same CPU: measured from the float64 truth (nn.LSTM in
+    float64 on the same weights, inputs and cotangents) relative to each result's scale, each is within twice
+    nn.LSTM's worst error on the same run. On 1 thread, where MKL sums each weight gradient's 3,500 rows in one
+    chain, and on 2.
+
+    The bound is nn.LSTM's own error, not a constant: float32 rounding over a long sequence depends on the CPU
+    and on the kernels it runs (oneDNN's, MKL's and ours differ between AVX-512 and AVX2). Two correct
+    implementations that sum in different orders accumulate errors like random walks, whose worst cases differ
+    by a factor of order one: measured 0.95-1.2x of nn.LSTM's worst with our AVX2 and baseline kernels on an
+    AMD EPYC (Zen 3), where nn.LSTM's worst was about 2e-6. Twice that still fails a cell that loses precision:
+    one whose c_t is off by 2^-20 of itself at every step gave 4.3e-6 there."""
     torch.set_num_threads(threads)
     cfg = Config(dtype=torch.float32, bidirectional=True, kind="packed", lengths=(2000, 1500, 3))
     ref, ours = make_pair(cfg)
@@ -352,13 +359,13 @@ def test_long_sequence_float32_as_accurate_as_nn_lstm(threads, restore_threads):
     truth_module.load_state_dict({k: v.double() for k, v in ref.state_dict().items()})
     expected, actual, truth = run(ref, cfg), run(ours, cfg), run(truth_module, cfg, dtype=torch.float64)
     assert len(actual) == len(truth) == 6 + 8
-    ours_worst = ref_worst = 0.0
-    for index, (a, e, t) in enumerate(zip(actual, expected, truth, strict=True)):
-        scale = t.abs().max().item()
-        ours_error, ref_error = ((r.double() - t).abs().max().item() / scale for r in (a, e))
-        assert ours_error <= 1e-6, f"result {index}: error {ours_error:.3g} of its scale from float64"
-        ours_worst, ref_worst = max(ours_worst, ours_error), max(ref_worst, ref_error)
-    assert ours_worst <= ref_worst, f"worst error {ours_worst:.3g} of the scale, nn.LSTM's {ref_worst:.3g}"
+
+    def errors(results):
+        return [(r.double() - t).abs().max().item() / t.abs().max().item() for r, t in zip(results, truth, strict=True)]
+
+    ref_worst = max(errors(expected))
+    for index, error in enumerate(errors(actual)):
+        assert error <= 2 * ref_worst, f"result {index}: error {error:.3g} of its scale, nn.LSTM's worst {ref_worst:.3g}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
