@@ -23,7 +23,10 @@ class LSTM(nn.LSTM):
     """Drop-in for :class:`torch.nn.LSTM` (same arguments, parameters, inputs, outputs and errors)."""
 
     def forward(self, input, hx=None):
-        if not isinstance(self.bidirectional, bool):  # nn.LSTM stores it unchecked; its C++ op then refuses it
+        # nn.LSTM stores bidirectional unchecked; its C++ op then refuses a non-bool. Checked in eager calls only:
+        # Dynamo 2.15 cannot trace a test of this attribute's type (a graph break with allow_rnn, and without
+        # it the test runs before Dynamo's refusal of the module, which it delays to the module's first use).
+        if not torch.compiler.is_compiling() and not isinstance(self.bidirectional, bool):
             raise TypeError(f"lstm() received an invalid combination of arguments - bidirectional must be a bool, "
                             f"got {type(self.bidirectional).__name__}")
         if isinstance(input, PackedSequence):
@@ -88,11 +91,8 @@ class LSTM(nn.LSTM):
                 raise RuntimeError("got an incorrect number of RNN parameters")
             if h.size(0) < self.num_layers * (2 if self.bidirectional else 1):
                 raise RuntimeError("Expected more hidden states in stacked_rnn")
-        if data.size(-1) != self.input_size:
-            raise RuntimeError(
-                f"mat1 and mat2 shapes cannot be multiplied ({data.size(0)}x{data.size(-1)} and "
-                f"{w_ih.size(1)}x{w_ih.size(0)})"
-            )
+        if data.size(-1) != self.input_size:  # nn.LSTM's first GEMM, linear(data, w_ih, b_ih), refuses it
+            _raise_torch_error(F.linear, data, w_ih, w_ih.new_empty(w_ih.size(0)) if self.bias else None)
         _check_first_gemm_dtypes(data, w_ih, autocast)
         for state in states:
             if torch.compiler.is_compiling():
@@ -210,31 +210,21 @@ class LSTMCell(nn.LSTMCell):
 
     @staticmethod
     def _check_cell_args(input: Tensor, hx, w_ih: Tensor, w_hh: Tensor, check_dtypes: bool) -> None:
-        """The checks of ATen's lstm_cell, in its order and with its messages (its dtype checks only outside
-        autocast, which casts first)."""
+        """The checks of ATen's lstm_cell, in its order and with its messages: its shape checks by torch's own
+        lstm_cell on stand-ins, then its dtype checks (only outside autocast, which casts first)."""
         if len(hx) != 2:
             raise RuntimeError("lstm_cell expects two hidden states")
         hidden, (batch, features) = w_hh.size(1), input.shape
         h, c = hx
-        # The usual call passes every check: settle it in one comparison (each check below costs about a
-        # microsecond, a good part of a small cell's call).
+        # The usual call passes every check: settle it in one comparison (the checks below cost microseconds,
+        # a good part of a small cell's call).
         dtype = input.dtype
         if (features == w_ih.size(1) and w_ih.shape[0] == w_hh.shape[0] == 4 * hidden
                 and h.shape == c.shape == (batch, hidden)
                 and (not check_dtypes or dtype == w_ih.dtype == w_hh.dtype == h.dtype == c.dtype)):  # fmt: skip
             return
-        if features != w_ih.size(1):
-            raise RuntimeError(f"input has inconsistent input_size: got {features} expected {w_ih.size(1)}")
-        for name, weight in (("weight_ih", w_ih), ("weight_hh", w_hh)):
-            if weight.size(0) != 4 * hidden:
-                raise RuntimeError(
-                    f"{name} first dim must be 4 * hidden_size = {4 * hidden}, but got {weight.size(0)}"
-                )
-        for idx, state in enumerate((h, c)):
-            if state.size(0) != batch:
-                raise RuntimeError(f"Input batch size {batch} doesn't match hidden{idx} batch size {state.size(0)}")
-            if state.size(1) != hidden:
-                raise RuntimeError(f"hidden{idx} has inconsistent hidden_size: got {state.size(1)}, expected {hidden}")
+        # A shape torch refuses: its own lstm_cell refuses it first, with the message of the torch at hand.
+        _raise_torch_error(torch.lstm_cell, input, [h, c], w_ih, w_hh)
         if not check_dtypes:
             return
         for mat1, mat2 in ((input, w_ih), (h, w_hh)):
@@ -256,6 +246,22 @@ def _batched_state(hx, is_batched: bool):
 
 
 _CELL_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
+def _raise_torch_error(op, *args) -> None:
+    """Calls torch's own `op` on stand-ins for the tensors among `args` (a list of tensors stands for itself):
+    zero-stride tensors of their shapes on the first one's device, all of its dtype, which hold no memory. So
+    the error `op` raises for these shapes is raised with the message of the torch at hand (messages change
+    between releases: 2.15 put "addmm: " before GEMM shape errors). Returns where `op` raises nothing."""
+    first = args[0]
+
+    def stand_in(t):
+        if isinstance(t, (list, tuple)):
+            return [stand_in(x) for x in t]
+        return t if t is None else torch.zeros((), dtype=first.dtype, device=first.device).expand(t.shape)
+
+    with torch.no_grad():
+        op(*(stand_in(t) for t in args))
 
 
 def _parameters_named(module: nn.Module, names) -> list[Tensor | None]:
