@@ -8,7 +8,7 @@ REQUIREMENTS_STAMP := $(VENV)/.requirements-installed
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: test bench build clean sanitize
+.PHONY: test test-cpus bench build clean sanitize
 
 $(PYTHON):
 	python3 -m venv $(VENV)
@@ -30,8 +30,38 @@ $(BUILD_STAMP): $(REQUIREMENTS_STAMP) $(SOURCES)
 
 build: $(BUILD_STAMP)
 
+# `make test TORCH=2.15.0`: the suite against another release of torch, in a virtualenv of its own
+# (.venv-torch2.15.0) and on a CPU build of a copy of the sources (build-torch2.15.0/), so that the main .venv
+# and build are left alone. PIP_CONSTRAINT=/dev/null sets aside a machine-wide pip constraint on torch, if any:
+# the release asked for is the one wanted. setuptools is left to that release (2.11 wants setuptools<82).
+TORCH ?=
+ifeq ($(TORCH),)
 test: build
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
+else
+TORCH_VENV := .venv-torch$(TORCH)
+TORCH_DIR := build-torch$(TORCH)
+TORCH_PYTHON := $(TORCH_VENV)/bin/python
+
+test:
+	test -x $(TORCH_PYTHON) || python3 -m venv $(TORCH_VENV)
+	sed -e 's/^torch==.*/torch==$(TORCH)/' -e 's/^setuptools==.*/setuptools/' requirements.txt > $(TORCH_VENV)/requirements.txt
+	PIP_CONSTRAINT=/dev/null $(TORCH_PYTHON) -m pip install --quiet -r $(TORCH_VENV)/requirements.txt
+	$(call build_copy,$(TORCH_DIR),$(TORCH_PYTHON),FUSED_LSTM_SKIP_CUDA=1)
+	$(call run_on_copy,$(TORCH_DIR),$(TORCH_PYTHON),FUSED_LSTM_SKIP_CUDA=1) $(PYTEST_ARGS)
+endif
+
+# The CPUs this one can stand in for, CI's second pass: the tests whose results depend on the instruction set
+# (parity, reliability, fuzz) once as on an AVX2-only CPU (our kernels' AVX2 build, oneDNN and MKL held to
+# AVX2), then on the baseline x86-64 build of our kernels. ATEN_CPU_CAPABILITY lowers ours as it lowers ATen's.
+CPU_PASS_TESTS ?= tests/test_module_parity.py tests/test_layer_op.py tests/test_reliability.py tests/test_fuzz.py
+CPU_PASS_LIMITS := ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+
+test-cpus: build
+	for capability in avx2 default; do \
+		echo "== our kernels: $$capability; oneDNN and MKL: AVX2 at most"; \
+		ATEN_CPU_CAPABILITY=$$capability $(CPU_PASS_LIMITS) $(PYTHON) -m pytest $(PYTEST_ARGS) $(CPU_PASS_TESTS) || exit 1; \
+	done
 
 bench: build
 	$(PYTHON) benchmarks/compare.py $(BENCH_ARGS)
@@ -48,17 +78,30 @@ SANITIZE_DIR := build-sanitize
 SANITIZE_TESTS ?= tests/test_layer_op.py tests/test_bidirectional_op.py tests/test_inference_op.py tests/test_op_errors.py \
 	tests/test_fuzz.py
 SANITIZE_PRELOAD = $(shell $(CXX) -print-file-name=libasan.so) $(shell $(CXX) -print-file-name=libstdc++.so)
-# python -P: without it `-m` puts the working directory first on sys.path, and the tests would import the
-# normal build in ./fused_lstm instead of the sanitized one (the first command checks which one loads).
 SANITIZE_ENV = LD_PRELOAD="$(SANITIZE_PRELOAD)" ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1 \
-	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 PYTHONPATH=$(abspath $(SANITIZE_DIR)):$(abspath tests)
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 
 sanitize: $(REQUIREMENTS_STAMP)
-	rm -rf $(SANITIZE_DIR) && mkdir -p $(SANITIZE_DIR)
-	cp -r csrc fused_lstm setup.py pyproject.toml $(SANITIZE_DIR)/ && rm -f $(SANITIZE_DIR)/fused_lstm/*.so
-	cd $(SANITIZE_DIR) && FUSED_LSTM_SANITIZE=1 FUSED_LSTM_SKIP_CUDA=1 $(abspath $(PYTHON)) setup.py --quiet build_ext --inplace
-	$(SANITIZE_ENV) $(PYTHON) -P -c "import fused_lstm._C as c; assert '/$(SANITIZE_DIR)/' in c.__file__, c.__file__"
-	$(SANITIZE_ENV) $(PYTHON) -P -m pytest -p no:cacheprovider $(PYTEST_ARGS) $(SANITIZE_TESTS)
+	$(call build_copy,$(SANITIZE_DIR),$(PYTHON),FUSED_LSTM_SANITIZE=1 FUSED_LSTM_SKIP_CUDA=1)
+	$(call run_on_copy,$(SANITIZE_DIR),$(PYTHON),$(SANITIZE_ENV)) $(PYTEST_ARGS) $(SANITIZE_TESTS)
+
+# build_copy(folder, python, environment): builds the extension in place in a copy of the sources. The copy
+# is made anew but keeps the sources' times and the folder's build/, so that ninja recompiles what changed.
+define build_copy
+	rm -rf $(1)/csrc $(1)/fused_lstm && mkdir -p $(1)
+	cp -r --preserve=timestamps csrc fused_lstm setup.py pyproject.toml $(1)/ && rm -f $(1)/fused_lstm/*.so
+	cd $(1) && $(3) $(abspath $(2)) setup.py --quiet build_ext --inplace
+endef
+
+# run_on_copy(folder, python, environment): pytest on that copy's build. PYTHONSAFEPATH (python -P, inherited
+# by the tests' child processes): without it `-m` and `-c` put the working directory first on sys.path, and
+# the tests would import the main build in ./fused_lstm instead (the first command checks which one loads).
+# The arguments that follow the call go to pytest.
+define run_on_copy
+	$(3) PYTHONSAFEPATH=1 PYTHONPATH=$(abspath $(1)):$(abspath tests) $(2) -c \
+		"import fused_lstm._C as c; assert '/$(1)/' in c.__file__, c.__file__"
+	$(3) PYTHONSAFEPATH=1 PYTHONPATH=$(abspath $(1)):$(abspath tests) $(2) -m pytest -p no:cacheprovider
+endef
 
 clean:
-	rm -rf build *.egg-info fused_lstm/*.so $(SANITIZE_DIR)
+	rm -rf build *.egg-info fused_lstm/*.so $(SANITIZE_DIR) build-torch*
