@@ -8,7 +8,7 @@ REQUIREMENTS_STAMP := $(VENV)/.requirements-installed
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: test bench build clean sanitize
+.PHONY: test bench build clean sanitize gpu-check
 
 $(PYTHON):
 	python3 -m venv $(VENV)
@@ -59,6 +59,15 @@ sanitize: $(REQUIREMENTS_STAMP)
 	cd $(SANITIZE_DIR) && FUSED_LSTM_SANITIZE=1 FUSED_LSTM_SKIP_CUDA=1 $(abspath $(PYTHON)) setup.py --quiet build_ext --inplace
 	$(SANITIZE_ENV) $(PYTHON) -P -c "import fused_lstm._C as c; assert '/$(SANITIZE_DIR)/' in c.__file__, c.__file__"
 	$(SANITIZE_ENV) $(PYTHON) -P -m pytest -p no:cacheprovider $(PYTEST_ARGS) $(SANITIZE_TESTS)
+
+# The GPU check (benchmarks/gpu_check.sh): on a GPU machine with no network, builds in place for sm_90 against
+# GPU_CHECK_PYTHON's own torch (no venv, no pip), runs the CUDA tests and the benchmarks, and writes everything
+# to GPU_CHECK_OUT. Each step has a timeout: 8 minutes at most.
+GPU_CHECK_OUT ?= gpu-check-results
+GPU_CHECK_PYTHON ?= python3
+
+gpu-check:
+	PYTHON=$(GPU_CHECK_PYTHON) bash benchmarks/gpu_check.sh $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf build *.egg-info fused_lstm/*.so $(SANITIZE_DIR)
