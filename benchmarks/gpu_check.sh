@@ -8,14 +8,14 @@
 #   PYTHON                 the interpreter (default python3); its torch is the one built against.
 #   GPU_CHECK_SKIP_BUILD=1 use the extension already built in place (tests/test_gpu_check.py takes the no-GPU
 #                          path so, without a second CUDA build).
-#   GPU_CHECK_BUILD_TIMEOUT  the build's limit in seconds (default 150; raise it on a slow machine).
+#   GPU_CHECK_BUILD_TIMEOUT  the build's limit in seconds (default 120; raise it on a slow machine).
 # Exit status: 0 every step passed; 1 some step failed (summary.txt names it); 2 usage; 3 the build passed
 # but torch sees no CUDA device, so nothing ran on a GPU (the message says "no CUDA device").
 # OUTDIR gets: build.log, versions.txt, nvidia-smi.txt, one log (and junit XML) per test step, the benchmark
 # tables (*.md) and their figures (*.json), and summary.txt, the screen printed at the end.
 #
 # Every step has its own timeout, so the script ends within 8 minutes even if steps hang: the limits add up
-# to 460 s (build 150, small steps 60, memcheck 60, tests 70, benchmarks 120). A failing step does not stop
+# to 450 s (build 120, small steps 60, memcheck 60, tests 70, benchmarks 140). A failing step does not stop
 # the next ones (but nothing runs without a build).
 set -u -o pipefail
 
@@ -42,7 +42,7 @@ step() {
   echo "== $name (up to ${limit} s) ..."
   timeout --kill-after=5 "$limit" "$@" >"$log" 2>&1
   rc=$?
-  result=$(grep -E '[0-9]+ (passed|failed|errors?|skipped|deselected)' "$log" | tail -n 1 | tr -d '=' | xargs)
+  result=$(grep -E '[0-9]+ (passed|failed|errors?|skipped|deselected)' "$log" | tail -n 1 | tr -d '=' | sed 's/^ *//; s/ *$//')
   if [[ $rc -eq 0 ]]; then
     result="PASS  ${result}"
   else
@@ -58,8 +58,8 @@ step() {
 ratios() {
   [[ -s $1 ]] || return 0
   awk -F'|' 'NF > 12 { for (i = 2; i <= 11; i++) gsub(/^ +| +$/, "", $i) }
-    NF > 12 && $2 == "shape" { printf "  %-26s %-9s %9s %9s %11s %8s %8s\n", "shape", "mode", "fused ms", $8, $9, "out diff", "grad diff" }
-    NF > 12 && $2 != "shape" && $2 !~ /^-+$/ { printf "  %-26s %-9s %9s %9s %11s %8s %8s\n", $2, $3, $5, $8, $9, $10, $11 }' "$1"
+    NF > 12 && $2 == "shape" { printf "  %-26s %-9s %9s %9s %11s %8s %9s\n", "shape", "mode", "fused ms", $8, $9, "out diff", "grad diff" }
+    NF > 12 && $2 != "shape" && $2 !~ /^-+$/ { printf "  %-26s %-9s %9s %9s %11s %8s %9s\n", $2, $3, $5, $8, $9, $10, $11 }' "$1"
 }
 
 summary() {
@@ -79,10 +79,12 @@ finish() {  # finish EXIT_CODE MESSAGE: the summary on screen and in summary.txt
 }
 
 # 1. The build: sm_90 alone (one architecture: the fastest build that runs on H100 and H200), all cores.
+BUILT="the sm_90 build passed"
 if [[ ${GPU_CHECK_SKIP_BUILD:-0} == 1 ]]; then
-  echo "GPU_CHECK_SKIP_BUILD=1: using the extension already built in place" >"$OUT/build.log"
+  BUILT="GPU_CHECK_SKIP_BUILD=1: the extension built in place loads"
+  echo "$BUILT" >"$OUT/build.log"
 else
-  step build "${GPU_CHECK_BUILD_TIMEOUT:-150}" build.log env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$CORES" \
+  step build "${GPU_CHECK_BUILD_TIMEOUT:-120}" build.log env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$CORES" \
     "$PYTHON" setup.py build_ext --inplace
 fi
 # The extension must load from this checkout with its CUDA kernels registered: setup.py builds CPU-only where
@@ -109,7 +111,7 @@ timeout 10 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || echo "nvidia-smi failed or 
 
 # 3. Without a device the build is all that can be checked.
 if ! timeout 15 "$PYTHON" -P -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  finish 3 "gpu_check: no CUDA device: torch sees none, so nothing ran on a GPU (the sm_90 build passed)"
+  finish 3 "gpu_check: no CUDA device: torch sees none, so nothing ran on a GPU ($BUILT)"
 fi
 
 PYTEST=("$PYTHON" -P -m pytest -p no:cacheprovider -rfE)
@@ -136,12 +138,12 @@ step "tests/test_cuda.py" 70 test_cuda.log "${PYTEST[@]}" -q --junitxml="$OUT/te
 # then a longer and larger row and a B=1 one, where each step is a few small kernels.
 # Short timings (a second per row and mode, 3 to 7 repetitions): a first table, not the final word.
 BENCH=("$PYTHON" -P benchmarks/compare.py --budget 1 --min-reps 3 --max-reps 7 --warmup 0.1)
-step "bench cuda" 40 bench-cuda.log "${BENCH[@]}" --device cuda --json "$OUT/bench-cuda.json"
+step "bench cuda" 55 bench-cuda.log "${BENCH[@]}" --device cuda --json "$OUT/bench-cuda.json"
 step "bench cuda extra" 30 bench-cuda-extra.log "${BENCH[@]}" --device cuda \
   --shapes 200x1x512x512,1000x16x768x768 --json "$OUT/bench-cuda-extra.json"
 
 # 4d. The CPU table on every core of this machine (torch's default is one thread per physical core).
-step "bench cpu" 50 bench-cpu.log env OMP_NUM_THREADS="$CORES" "${BENCH[@]}" --json "$OUT/bench-cpu.json"
+step "bench cpu" 55 bench-cpu.log env OMP_NUM_THREADS="$CORES" "${BENCH[@]}" --json "$OUT/bench-cpu.json"
 for table in bench-cuda bench-cuda-extra bench-cpu; do  # the table alone, without the progress lines
   grep -E '^(\||`|- )' "$OUT/$table.log" >"$OUT/$table.md" 2>/dev/null
 done

@@ -26,7 +26,7 @@ def run_script(*args):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script runs every step (minutes)")
-@pytest.mark.skipif(Path(fused_lstm.__file__).parent.parent != ROOT, reason="fused_lstm is not built in place here")
+@pytest.mark.skipif(Path(fused_lstm.__file__).resolve().parent.parent != ROOT, reason="fused_lstm is not built in place here")
 def test_without_a_gpu_it_stops_with_no_cuda_device(tmp_path):
     """With CUDA kernels built (make test, CI), the script stops after its build check with exit status 3 and
     "no CUDA device" as its last line, in summary.txt too, beside versions.txt. A CPU-only build
