@@ -8,7 +8,7 @@ REQUIREMENTS_STAMP := $(VENV)/.requirements-installed
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: test test-cpus bench build clean sanitize
+.PHONY: test test-cpus bench build clean sanitize gpu-check
 
 $(PYTHON):
 	python3 -m venv $(VENV)
@@ -102,6 +102,15 @@ define run_on_copy
 		"import fused_lstm._C as c; assert '/$(1)/' in c.__file__, c.__file__"
 	$(3) PYTHONSAFEPATH=1 PYTHONPATH=$(abspath $(1)):$(abspath tests) $(2) -m pytest -p no:cacheprovider
 endef
+
+# The GPU check (benchmarks/gpu_check.sh): on a GPU machine with no network, builds in place for sm_90 against
+# GPU_CHECK_PYTHON's own torch (no venv, no pip), runs the CUDA tests and the benchmarks, and writes everything
+# to GPU_CHECK_OUT. Each step has a timeout: 8 minutes at most.
+GPU_CHECK_OUT ?= gpu-check-results
+GPU_CHECK_PYTHON ?= python3
+
+gpu-check:
+	PYTHON=$(GPU_CHECK_PYTHON) bash benchmarks/gpu_check.sh $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf build *.egg-info fused_lstm/*.so $(SANITIZE_DIR) build-torch*

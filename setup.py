@@ -89,12 +89,16 @@ cpp_sources = [os.path.join(CSRC, "layer.cpp"), os.path.join(CSRC, "autograd.cpp
 cxx_flags = ["-O3", "-fopenmp", "-DTORCH_ASSERT_ONLY_METHOD_OPERATORS", *SANITIZE_FLAGS]
 link_flags = ["-fopenmp", *SANITIZE_FLAGS[:1]]
 
+# -lineinfo: a line table, so that compute-sanitizer and profilers name the kernels' source lines (the code is
+# the same).
+nvcc_flags = ["-O3", "-lineinfo", "-DTORCH_ASSERT_ONLY_METHOD_OPERATORS"]
+
 if BUILD_CUDA:
     extension = CUDAExtension(
         "fused_lstm._C",
         cpp_sources + sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cpp"))) + sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu"))),
         include_dirs=wheel_cuda_includes(),
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-DTORCH_ASSERT_ONLY_METHOD_OPERATORS"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
         extra_link_args=link_flags,
     )
 else:

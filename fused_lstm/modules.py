@@ -202,7 +202,9 @@ class LSTMCell(nn.LSTMCell):
         args = (input.unsqueeze(0), hx[0], hx[1], *weights)  # a sequence of one step
         output, _, c_1 = lstm_layer(*(args if dtype is None else (_cast(t, dtype) for t in args)))
         h_1 = output.squeeze(0)
-        if dtype is not None:
+        if dtype is not None and not input.is_cuda:
+            # The CPU's lstm_cell runs op by op, its GEMMs autocast: the cell update promotes to c_0's dtype. On
+            # CUDA autocast casts lstm_cell itself, hx included, so its results stay in the dtype computed in.
             h_1, c_1 = _promoted_to_cell_state((h_1, c_1), dtype, hx[1])
         if not is_batched:
             return h_1.squeeze(0), c_1.squeeze(0)
@@ -285,8 +287,9 @@ def _autocast_dtype(input: Tensor) -> torch.dtype | None:
 
 def _cell_autocast_dtype(input: Tensor) -> torch.dtype | None:
     """The dtype nn.LSTMCell computes in under autocast, or None. Its op is on CUDA autocast's lower-precision
-    list. On the CPU it is not, but its GEMMs are: lower-precision input then runs in its own dtype, and
-    float32 input gets float32 results (fused_lstm computes those in float32 throughout)."""
+    list, which casts every floating argument but float64 (input, both hx and the weights) to autocast's dtype
+    and so returns that dtype. On the CPU it is not, but its GEMMs are: lower-precision input then runs in its
+    own dtype, and float32 input gets float32 results (fused_lstm computes those in float32 throughout)."""
     if input.is_cuda and torch.is_autocast_enabled("cuda"):
         return torch.get_autocast_dtype("cuda")
     if input.device.type == "cpu" and torch.is_autocast_enabled("cpu") and input.dtype in (torch.float16, torch.bfloat16):

@@ -5,8 +5,10 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 
 #include <algorithm>
+#include <utility>
 
 #include "../cell.h"
 #include "kernels.h"
@@ -63,11 +65,43 @@ __global__ void backward_kernel(int64_t rows, int64_t H, const scalar_t* gates, 
   }
 }
 
+// The kernels index raw pointers as dense row-major blocks on the current device: a step's tensor that is a
+// strided view, of another shape, dtype or device would have them read and write the wrong memory, silently.
+// The steppers (aten_stepper.h) build only leading-row views of contiguous buffers, so these are internal
+// asserts: they guard the launchers against a future caller, not the user's arguments (layer.cpp checks those).
+void assert_step_tensor(const at::Tensor& t, const char* name, const at::Tensor& gates, int64_t rows, int64_t width) {
+  TORCH_INTERNAL_ASSERT(t.defined(), "fused_lstm CUDA step: ", name, " is undefined");
+  TORCH_INTERNAL_ASSERT(t.dim() == 2 && t.size(0) == rows && t.size(1) == width, "fused_lstm CUDA step: ", name,
+                        " has shape ", t.sizes(), ", expected [", rows, ", ", width, "]");
+  TORCH_INTERNAL_ASSERT(t.is_contiguous(), "fused_lstm CUDA step: ", name, " is not contiguous (strides ",
+                        t.strides(), ")");
+  TORCH_INTERNAL_ASSERT(t.scalar_type() == gates.scalar_type(), "fused_lstm CUDA step: ", name, " has dtype ",
+                        t.scalar_type(), " but gates has ", gates.scalar_type());
+  TORCH_INTERNAL_ASSERT(t.device() == gates.device(), "fused_lstm CUDA step: ", name, " is on ", t.device(),
+                        " but gates is on ", gates.device());
+}
+
+// gates: [rows, 4H], on the current CUDA device (the kernels launch on its current stream).
+void assert_gates(const at::Tensor& gates, int64_t H) {
+  TORCH_INTERNAL_ASSERT(gates.defined() && gates.dim() == 2, "fused_lstm CUDA step: gates must be 2-D");
+  TORCH_INTERNAL_ASSERT(gates.is_cuda() && gates.device().index() == c10::cuda::current_device(),
+                        "fused_lstm CUDA step: gates is on ", gates.device(), " but the current device is cuda:",
+                        static_cast<int>(c10::cuda::current_device()));
+  assert_step_tensor(gates, "gates", gates, gates.size(0), 4 * H);
+}
+
 }  // namespace
 
 void launch_forward_step(const CellForwardStep& s) {
   const int64_t rows = s.gates.size(0);
   const int64_t H = s.c_state.size(1);
+  assert_gates(s.gates, H);
+  for (auto [t, name] : {std::pair{&s.c_state, "c_state"}, {&s.cells, "cells"}, {&s.hidden, "hidden"}}) {
+    assert_step_tensor(*t, name, s.gates, rows, H);
+  }
+  if (s.h_state.defined()) {
+    assert_step_tensor(s.h_state, "h_state", s.gates, rows, H);
+  }
   if (rows * H == 0) {
     return;
   }
@@ -83,6 +117,12 @@ void launch_forward_step(const CellForwardStep& s) {
 void launch_backward_step(const CellBackwardStep& s) {
   const int64_t rows = s.gates.size(0);
   const int64_t H = s.cells.size(1);
+  assert_gates(s.gates, H);
+  assert_step_tensor(s.d_gates, "d_gates", s.gates, rows, 4 * H);
+  for (auto [t, name] :
+       {std::pair{&s.cells, "cells"}, {&s.c_prev, "c_prev"}, {&s.d_hidden, "d_hidden"}, {&s.d_c, "d_c"}}) {
+    assert_step_tensor(*t, name, s.gates, rows, H);
+  }
   if (rows * H == 0) {
     return;
   }
