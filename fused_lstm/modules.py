@@ -252,15 +252,15 @@ _CELL_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
 def _raise_torch_error(op, *args) -> None:
     """Calls torch's own `op` on stand-ins for the tensors among `args` (a list of tensors stands for itself):
-    zero-stride tensors of their shapes on the first one's device, all of its dtype, which hold no memory. So
-    the error `op` raises for these shapes is raised with the message of the torch at hand (messages change
-    between releases: 2.15 put "addmm: " before GEMM shape errors). Returns where `op` raises nothing."""
-    first = args[0]
+    zero-stride float32 tensors of their shapes on the first one's device, which hold no memory. So the error
+    `op` raises for these shapes, and only for them, is raised with the message of the torch at hand (messages
+    change between releases: 2.15 put "addmm: " before GEMM shape errors). Returns where `op` raises nothing."""
+    device = args[0].device
 
     def stand_in(t):
         if isinstance(t, (list, tuple)):
             return [stand_in(x) for x in t]
-        return t if t is None else torch.zeros((), dtype=first.dtype, device=first.device).expand(t.shape)
+        return t if t is None else torch.zeros((), device=device).expand(t.shape)
 
     with torch.no_grad():
         op(*(stand_in(t) for t in args))
