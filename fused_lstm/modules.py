@@ -2,7 +2,7 @@
 
 They subclass the torch classes, so the constructor, validation, parameters, initialisation, state_dict,
 pickling and repr are torch's own, and ``isinstance(m, nn.LSTM)`` holds. Only ``forward`` is new: it takes the
-same inputs, makes the same checks with the same messages (../shared/CONTRACT.md sections 3 and 4) and runs
+same inputs, makes the same checks with the same messages (nn.LSTM's and ATen's, in their order) and runs
 each layer through the fused ops (ops.lstm_layer; ops.lstm_bidirectional_layer for both directions at once).
 Stacking, dropout between layers and the PackedSequence sort / unsort stay here in Python.
 """
@@ -106,7 +106,7 @@ class LSTM(nn.LSTM):
 
     def _check_state_and_parameters(self, input: Tensor, hx, weights: list[Tensor], autocast: torch.dtype | None) -> None:
         """What nn.LSTM's C++ checks, with its messages; and the dtype of hx (None: zeros, made alike), where its
-        messages are accidents of the backend (CONTRACT.md 3.3), with one that names the tensor."""
+        messages are accidents of the backend (oneDNN's, the native path's), with one that names the tensor."""
         if hx is None:
             hx = ()
         elif len(hx) != 2:

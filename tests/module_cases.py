@@ -11,7 +11,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import fused_lstm
 
 # Float64 agrees to rounding. Float32: nn.LSTM runs oneDNN, whose float32 results differ from its own native
-# path by ~1e-7 (CONTRACT.md 3.6); through several layers and the backward pass that reaches a few 1e-6.
+# path by ~1e-7 per op; through several layers and the backward pass that reaches a few 1e-6.
 TOLERANCE = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-5)}
 
 

@@ -2,8 +2,8 @@
 
 Each case calls both modules with the same arguments and compares the exceptions, so the expectation is
 nn.LSTM's behaviour on the installed torch, not a copy of it. The exceptions are the hx-dtype cases where
-nn.LSTM's message is an accident of its backend (CONTRACT.md 3.3); there we require the same type and a
-message that names the tensor and both dtypes.
+nn.LSTM's message is an accident of its backend (oneDNN, the native path and autocast each word it their own
+way); there we require the same type and a message that names the tensor and both dtypes.
 """
 
 import re
