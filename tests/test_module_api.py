@@ -310,7 +310,9 @@ def test_cpu_autocast_dtypes_match_nn_lstm(input_dtype):
     assert (actual.dtype, ah.dtype, ac.dtype) == (torch.bfloat16,) * 3
     if on_onednn:
         assert (expected.dtype, eh.dtype, ec.dtype) == (torch.bfloat16,) * 3
-    torch.testing.assert_close(actual.float(), expected.float(), atol=2e-2, rtol=2e-2)
+    # Both sides compute in bfloat16 (one ulp is 2e-3 at these outputs' scale, 0.25-0.5) and round at different
+    # points: measured up to 2.5e-3 apart (AMD EPYC, oneDNN and native paths). An output 5% off fails.
+    torch.testing.assert_close(actual.float(), expected.float(), atol=6e-3, rtol=2e-2)
     actual.float().sum().backward()
     assert ours.weight_ih_l0.grad.dtype == torch.float32
 
