@@ -14,15 +14,29 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from .deploy import DeploysAsTorch, exporting_to_onnx, runs_as_torch
 from .ops import _aten_name, lstm_bidirectional_layer, lstm_layer
 
 __all__ = ["LSTM", "LSTMCell", "convert"]
 
 
-class LSTM(nn.LSTM):
+class LSTM(DeploysAsTorch, nn.LSTM):
     """Drop-in for :class:`torch.nn.LSTM` (same arguments, parameters, inputs, outputs and errors)."""
 
+    torch_class = nn.LSTM
+
+    def torch_constructor_args(self, device: str) -> tuple:
+        return (self.input_size, self.hidden_size, self.num_layers, self.bias, self.batch_first, self.dropout,
+                self.bidirectional, self.proj_size, device)  # fmt: skip
+
     def forward(self, input, hx=None):
+        if runs_as_torch():
+            if self.proj_size > 0 and exporting_to_onnx():  # torch's own exporters fail unclearly or late here
+                raise torch.onnx.errors.OnnxExporterError(
+                    f"fused_lstm.LSTM: ONNX's LSTM operator has no projection, so an LSTM with proj_size="
+                    f"{self.proj_size} cannot be exported to ONNX"
+                )
+            return super().forward(input, hx)
         # nn.LSTM stores bidirectional unchecked; its C++ op then refuses a non-bool. Checked in eager calls only:
         # Dynamo 2.15 cannot trace a test of this attribute's type (a graph break with allow_rnn, and without
         # it the test runs before Dynamo's refusal of the module, which it delays to the module's first use).
@@ -176,10 +190,17 @@ class LSTM(nn.LSTM):
         return layer_input, torch.stack(h_n), torch.stack(c_n)
 
 
-class LSTMCell(nn.LSTMCell):
+class LSTMCell(DeploysAsTorch, nn.LSTMCell):
     """Drop-in for :class:`torch.nn.LSTMCell`: one step, run by the same fused op as a one-step sequence."""
 
+    torch_class = nn.LSTMCell
+
+    def torch_constructor_args(self, device: str) -> tuple:
+        return (self.input_size, self.hidden_size, self.bias, device)
+
     def forward(self, input: Tensor, hx=None) -> tuple[Tensor, Tensor]:
+        if runs_as_torch():
+            return super().forward(input, hx)
         if input.dim() not in (1, 2):
             raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if hx is not None:

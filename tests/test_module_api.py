@@ -59,11 +59,15 @@ def test_state_dict_both_ways_and_assign():
 
 
 def test_pickle_deepcopy_and_torch_save():
+    """pickle and deepcopy keep the fused class; torch.save writes nn.LSTM (test_deploy.py says why), which
+    fused_lstm.convert makes fused again."""
     _, ours = pair()
     buffer = io.BytesIO()
     torch.save(ours, buffer)
     buffer.seek(0)
-    for copied in (pickle.loads(pickle.dumps(ours)), copy.deepcopy(ours), torch.load(buffer, weights_only=False)):
+    saved = torch.load(buffer, weights_only=False)
+    assert type(saved) is nn.LSTM
+    for copied in (pickle.loads(pickle.dumps(ours)), copy.deepcopy(ours), fused_lstm.convert(saved)):
         assert type(copied) is fused_lstm.LSTM
         assert_outputs_equal(ours, copied)
         assert copied._flat_weights[0] is copied.weight_ih_l0
