@@ -19,6 +19,7 @@ import onnxruntime
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fused_lstm
 from deploy_model import Tagger
@@ -59,6 +60,35 @@ def test_onnx_export_runs_in_onnxruntime_with_onnx_lstm(dynamo, lstm_kwargs):
     with torch.no_grad():
         expected = ref(x)
     assert len(actual) == len(expected)
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(torch.from_numpy(a), e, **ONNX_TOLERANCE)
+
+
+class PackedTagger(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = fused_lstm.LSTM(3, 5, bidirectional=True)
+
+    def forward(self, x, lengths):
+        out, (h, _) = self.lstm(pack_padded_sequence(x, lengths, enforce_sorted=False))
+        return pad_packed_sequence(out)[0], h
+
+
+def test_onnx_export_of_packed_input_passes_the_lengths_to_onnx_lstm():
+    """The TorchScript exporter gives ONNX's LSTM the lengths (its sequence_lens input), as for nn.LSTM. (The
+    dynamo exporter cannot export packed input, nn.LSTM's included.)"""
+    torch.manual_seed(0)
+    model = PackedTagger().eval()
+    x, lengths = torch.randn(4, 2, 3), torch.tensor([4, 2])
+    buffer = io.BytesIO()
+    torch.onnx.export(model, (x, lengths), buffer, dynamo=False)
+    lstm = [node for node in onnx.load_from_string(buffer.getvalue()).graph.node if node.op_type == "LSTM"]
+    assert len(lstm) == 1 and len(lstm[0].input) > 4 and lstm[0].input[4] != ""  # sequence_lens
+    session = onnxruntime.InferenceSession(buffer.getvalue())
+    names = [i.name for i in session.get_inputs()]
+    actual = session.run(None, dict(zip(names, (x.numpy(), lengths.numpy()), strict=True)))
+    with torch.no_grad():
+        expected = fused_lstm.unconvert(copy.deepcopy(model))(x, lengths)
     for a, e in zip(actual, expected, strict=True):
         torch.testing.assert_close(torch.from_numpy(a), e, **ONNX_TOLERANCE)
 
