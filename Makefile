@@ -34,8 +34,8 @@ build: $(BUILD_STAMP)
 # (.venv-torch2.15.0) and on a CPU build of a copy of the sources (build-torch2.15.0/), so that the main .venv
 # and build are left alone. PIP_CONSTRAINT=/dev/null sets aside a machine-wide pip constraint on torch, if any:
 # the release asked for is the one wanted. setuptools is left to that release (2.11 wants setuptools<82).
-TORCH ?=
-ifeq ($(TORCH),)
+# (Only a TORCH given on make's command line, not one in the environment.)
+ifneq ($(origin TORCH),command line)
 test: build
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 else
@@ -85,22 +85,23 @@ sanitize: $(REQUIREMENTS_STAMP)
 	$(call build_copy,$(SANITIZE_DIR),$(PYTHON),FUSED_LSTM_SANITIZE=1 FUSED_LSTM_SKIP_CUDA=1)
 	$(call run_on_copy,$(SANITIZE_DIR),$(PYTHON),$(SANITIZE_ENV)) $(PYTEST_ARGS) $(SANITIZE_TESTS)
 
-# build_copy(folder, python, environment): builds the extension in place in a copy of the sources. The copy
-# is made anew but keeps the sources' times and the folder's build/, so that ninja recompiles what changed.
+# build_copy(folder, python, environment): builds the extension in place in a copy of the sources and tests.
+# The copy is made anew but keeps the sources' times and the folder's build/, so that ninja recompiles what
+# changed.
+COPIED := csrc fused_lstm tests benchmarks examples setup.py pyproject.toml
 define build_copy
-	rm -rf $(1)/csrc $(1)/fused_lstm && mkdir -p $(1)
-	cp -r --preserve=timestamps csrc fused_lstm setup.py pyproject.toml $(1)/ && rm -f $(1)/fused_lstm/*.so
+	rm -rf $(addprefix $(1)/,$(COPIED)) && mkdir -p $(1)
+	cp -r --preserve=timestamps $(COPIED) $(1)/ && rm -f $(1)/fused_lstm/*.so
 	cd $(1) && $(3) $(abspath $(2)) setup.py --quiet build_ext --inplace
 endef
 
-# run_on_copy(folder, python, environment): pytest on that copy's build. PYTHONSAFEPATH (python -P, inherited
-# by the tests' child processes): without it `-m` and `-c` put the working directory first on sys.path, and
-# the tests would import the main build in ./fused_lstm instead (the first command checks which one loads).
-# The arguments that follow the call go to pytest.
+# run_on_copy(folder, python, environment): pytest on that copy, in its folder: `-m` and `-c` put the working
+# directory first on sys.path, the tests' child processes' too, so they import the copy's build (the first
+# command checks which one loads). The arguments that follow the call go to pytest.
 define run_on_copy
-	$(3) PYTHONSAFEPATH=1 PYTHONPATH=$(abspath $(1)):$(abspath tests) $(2) -c \
+	cd $(1) && $(3) PYTHONPATH=tests $(abspath $(2)) -c \
 		"import fused_lstm._C as c; assert '/$(1)/' in c.__file__, c.__file__"
-	$(3) PYTHONSAFEPATH=1 PYTHONPATH=$(abspath $(1)):$(abspath tests) $(2) -m pytest -p no:cacheprovider
+	cd $(1) && $(3) PYTHONPATH=tests $(abspath $(2)) -m pytest -p no:cacheprovider
 endef
 
 # The GPU check (benchmarks/gpu_check.sh): on a GPU machine with no network, builds in place for sm_90 against

@@ -1,13 +1,16 @@
 """fused_lstm.LSTM and fused_lstm.LSTMCell: torch.nn.LSTM / torch.nn.LSTMCell with a fused forward.
 
-They subclass the torch classes, so the constructor, validation, parameters, initialisation, state_dict,
-pickling and repr are torch's own, and ``isinstance(m, nn.LSTM)`` holds. Only ``forward`` is new: it takes the
-same inputs, makes the same checks with the same messages (nn.LSTM's and ATen's, in their order) and runs
-each layer through the fused ops (ops.lstm_layer; ops.lstm_bidirectional_layer for both directions at once).
+They subclass the torch classes, so the constructor, validation, parameters, initialisation, state_dict and
+repr are torch's own, and ``isinstance(m, nn.LSTM)`` holds (deploy.py: how they deploy as torch's). Only
+``forward`` is new: it takes the same inputs, makes the same checks with the same messages (nn.LSTM's and
+ATen's, in their order) and runs each layer through the fused ops (ops.lstm_layer;
+ops.lstm_bidirectional_layer for both directions at once).
 Stacking, dropout between layers and the PackedSequence sort / unsort stay here in Python.
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +29,7 @@ class LSTM(DeploysAsTorch, nn.LSTM):
     torch_class = nn.LSTM
 
     def torch_constructor_args(self, device: str) -> tuple:
-        return (self.input_size, self.hidden_size, self.num_layers, self.bias, self.batch_first, self.dropout,
+        return (self.input_size, self.hidden_size, self.num_layers, self.bias, self.batch_first, 0.0,
                 self.bidirectional, self.proj_size, device)  # fmt: skip
 
     def forward(self, input, hx=None):
@@ -106,7 +109,7 @@ class LSTM(DeploysAsTorch, nn.LSTM):
             if h.size(0) < self.num_layers * (2 if self.bidirectional else 1):
                 raise RuntimeError("Expected more hidden states in stacked_rnn")
         if data.size(-1) != self.input_size:  # nn.LSTM's first GEMM, linear(data, w_ih, b_ih), refuses it
-            _raise_torch_error(F.linear, data, w_ih, w_ih.new_empty(w_ih.size(0)) if self.bias else None)
+            _raise_torch_error(F.linear, data, w_ih, w_ih[:, 0] if self.bias else None)
         _check_first_gemm_dtypes(data, w_ih, autocast)
         for state in states:
             if torch.compiler.is_compiling():
@@ -283,7 +286,9 @@ def _raise_torch_error(op, *args) -> None:
             return [stand_in(x) for x in t]
         return t if t is None else torch.zeros((), device=device).expand(t.shape)
 
-    with torch.no_grad():
+    # Autocast would cast the stand-ins, making full-size copies of them (there is none on other devices).
+    no_autocast = torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else nullcontext()
+    with torch.no_grad(), no_autocast:
         op(*(stand_in(t) for t in args))
 
 

@@ -5,12 +5,12 @@ from torch import nn
 
 
 class Tagger(nn.Module):
-    """A stacked bidirectional batch-first LSTM and an LSTMCell, as users hold them."""
+    """An LSTM (of the given nn.LSTM arguments) and an LSTMCell, as users hold them."""
 
-    def __init__(self, lstm=nn.LSTM, cell=nn.LSTMCell, **lstm_kwargs):
+    def __init__(self, **lstm_kwargs):
         super().__init__()
-        self.lstm = lstm(3, 5, **lstm_kwargs)
-        self.cell = cell(3, 4)
+        self.lstm = nn.LSTM(3, 5, **lstm_kwargs)
+        self.cell = nn.LSTMCell(3, 4)
 
     def forward(self, x):
         out, (h, c) = self.lstm(x)

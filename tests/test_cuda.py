@@ -183,7 +183,7 @@ def test_gradcheck_on_cuda(proj, packed):
     assert torch.autograd.gradcheck(layer, [kwargs[n] for n in names])
 
 
-# What the tests above miss (issue 21). Each is small: these first run on a GPU machine lent for minutes.
+# What the tests above miss. Each is small: they run first in benchmarks/gpu_check.sh, on a GPU held for minutes.
 
 INFERENCE_OPS = {torch.ops.fused_lstm.lstm_layer_inference.default,
                  torch.ops.fused_lstm.lstm_bidirectional_layer_inference.default}  # fmt: skip
