@@ -45,7 +45,8 @@ TORCH_PYTHON := $(TORCH_VENV)/bin/python
 
 test:
 	test -x $(TORCH_PYTHON) || python3 -m venv $(TORCH_VENV)
-	sed -e 's/^torch==.*/torch==$(TORCH)/' -e 's/^setuptools==.*/setuptools/' requirements.txt > $(TORCH_VENV)/requirements.txt
+	sed -e 's/^torch==.*/torch==$(TORCH)/' -e 's/^setuptools==.*/setuptools/' requirements.txt \
+		> $(TORCH_VENV)/requirements.txt
 	PIP_CONSTRAINT=/dev/null $(TORCH_PYTHON) -m pip install --quiet -r $(TORCH_VENV)/requirements.txt
 	$(call build_copy,$(TORCH_DIR),$(TORCH_PYTHON),FUSED_LSTM_SKIP_CUDA=1)
 	$(call run_on_copy,$(TORCH_DIR),$(TORCH_PYTHON),FUSED_LSTM_SKIP_CUDA=1) $(PYTEST_ARGS)

@@ -70,7 +70,8 @@ class DeploysAsTorch:
         if name == "qconfig" and _quantization_names(self.torch_class, _caller()):
             warnings.warn(
                 f"torch.ao.quantization leaves fused_lstm.{type(self).__name__} in float: it matches modules by "
-                f"exact class. Call fused_lstm.unconvert(model) first to quantize it as nn.{self.torch_class.__name__}.",
+                f"exact class. Call fused_lstm.unconvert(model) first to quantize it as "
+                f"nn.{self.torch_class.__name__}.",
                 stacklevel=2,
             )
         super().__setattr__(name, value)
