@@ -107,7 +107,7 @@ endef
 
 # The GPU check (benchmarks/gpu_check.sh): on a GPU machine with no network, builds in place for sm_90 against
 # GPU_CHECK_PYTHON's own torch (no venv, no pip), runs the CUDA tests and the benchmarks, and writes everything
-# to GPU_CHECK_OUT. Each step has a timeout: 8 minutes at most.
+# to GPU_CHECK_OUT. Each step has a timeout: about 8 minutes in all.
 GPU_CHECK_OUT ?= gpu-check-results
 GPU_CHECK_PYTHON ?= python3
 

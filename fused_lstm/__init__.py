@@ -2,9 +2,8 @@
 
 ``fused_lstm.LSTM`` and ``fused_lstm.LSTMCell`` are drop-ins for ``torch.nn.LSTM`` / ``torch.nn.LSTMCell``;
 ``fused_lstm.convert(model)`` swaps them into an existing model in place (``fused_lstm.unconvert`` back);
-``fused_lstm.compile(model)`` is
-torch.compile for models with LSTMs (see compiler.py); ``fused_lstm.lstm_layer`` is the
-differentiable fused op for one layer and one direction.
+``fused_lstm.compile(model)`` is torch.compile for models with LSTMs (see compiler.py);
+``fused_lstm.lstm_layer`` is the differentiable fused op for one layer and one direction.
 """
 
 import torch  # loads libtorch before our extension
